@@ -1,0 +1,10 @@
+.PHONY: test lint bench
+
+test:
+	python -m pytest
+
+lint:
+	ruff check . && ruff format --check .
+
+bench:
+	python -m bench kernels

@@ -1,0 +1,26 @@
+"""Packaging for lowrank: a LoRA core for PyTorch with fused Triton kernels."""
+
+from setuptools import setup
+
+setup(
+    name="lowrank",
+    version="0.1.0",
+    description="LoRA for PyTorch with fused Triton kernels, for multimodal adaptation of unimodal encoders",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["lowrank", "kernels", "models", "mmdata", "bench"],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "safetensors",
+        "einops",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "ruff"],
+        "ref": ["transformers", "peft"],
+    },
+)
