@@ -1,0 +1,1 @@
+"""Triton kernels for LoRA and their PyTorch references; imports nothing else from this repo."""
