@@ -1,0 +1,244 @@
+"""LoRA linear layer, forward and hand-derived backward, fused (DESIGN.md §3).
+
+Shapes: X [M, K] (any leading dims are flattened into M), frozen W [N, K], bias b [N],
+A [r, K], B [N, r], s = alpha / r; dropout p on the LoRA branch only, mask D [M, K].
+
+Forward                                   Backward, G = dY [M, N]
+    Xd = D ⊙ X / (1 - p)                      dS = s · G B                      [M, r]
+    S  = Xd Aᵀ               [M, r]           dX = G W + (dS A) ⊙ D / (1 - p)   [M, K]
+    Y  = X Wᵀ + b + s · S Bᵀ [M, N]           dA = dSᵀ Xd                       [r, K]
+                                              dB = s · Gᵀ S                     [N, r]
+W is frozen: it gets no gradient. b gets db = Σ_m G[m, :] only if it requires grad.
+Saved for backward: X, S (M × r) and W (a reference, not a copy); D is regenerated
+from a seed, never stored.
+
+Triton path: S, dS, dA, dB are rank-wide "skinny" GEMMs; Y and dX are one GEMM each
+with the rank-r expand in the epilogue (kernels/lowrank_matmul.py). Torch path (CPU):
+the same algebra with in-place addmm, no temporaries beyond S and dS.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kernels.backend import select_backend
+from kernels.lowrank_matmul import dropout_mask, fused_matmul, skinny_matmul
+
+
+def check_lora_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: tuple[int, ...] = (0,),
+) -> None:
+    """Raise a ValueError naming the first shape, dtype or device that does not fit the spec.
+
+    With n adapted segments of width w = N / len(slots): A [n·r, K], B [n·w, r].
+    """
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(
+            f"weight, lora_a, lora_b must be 2-D; got {weight.dim()}-D, {lora_a.dim()}-D, {lora_b.dim()}-D"
+        )
+    (out_features, in_features), adapted = weight.shape, sum(j >= 0 for j in slots)
+    if out_features % len(slots):
+        raise ValueError(f"weight's {out_features} output rows do not split into {len(slots)} equal segments")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have shape [..., {in_features}] to match weight {tuple(weight.shape)}, got {tuple(x.shape)}"
+        )
+    if lora_a.shape[0] % adapted or lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must have shape [{adapted}·r, {in_features}], got {tuple(lora_a.shape)}")
+    expected_b = (adapted * out_features // len(slots), lora_a.shape[0] // adapted)
+    if lora_b.shape != expected_b:
+        raise ValueError(f"lora_b must have shape {list(expected_b)} (adapted outputs, r), got {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    named = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b} | ({"bias": bias} if bias is not None else {})
+    for name, tensor in named.items():
+        if tensor.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}; cast them to one dtype")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; move them to one device")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's global CPU generator (so torch.manual_seed makes runs repeatable)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def regenerate_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """D [rows, cols] in {0, 1} as the current backend regenerates it from ``seed``."""
+    if select_backend(device) == "triton":
+        return dropout_mask(rows, cols, dropout_p, seed, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return (torch.rand(rows, cols, generator=generator, device=device) >= dropout_p).float()
+
+
+def _dropped(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """Xd = D ⊙ X / (1 - p) on the torch path (a temporary; D is regenerated, not stored)."""
+    if dropout_p == 0:
+        return x2d
+    mask = regenerate_mask(*x2d.shape, dropout_p, seed, x2d.device)
+    return x2d * mask.to(x2d.dtype) / (1.0 - dropout_p)
+
+
+class AdapterSlice(NamedTuple):
+    """Where one adapter lives: its output columns of Y, its columns of S, its rows of B."""
+
+    out_cols: slice
+    s_cols: slice
+    b_rows: slice
+    slot: int
+
+
+def adapter_slices(slots: tuple[int, ...], rank: int, out_features: int) -> list[AdapterSlice]:
+    """One AdapterSlice per adapted output segment; ``slots[g]`` is segment g's slot or -1."""
+    width = out_features // len(slots)
+    return [
+        AdapterSlice(
+            slice(g * width, (g + 1) * width), slice(j * rank, (j + 1) * rank), slice(j * width, (j + 1) * width), j
+        )
+        for g, j in enumerate(slots)
+        if j >= 0
+    ]
+
+
+def _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces):
+    shrunk = _dropped(x2d, dropout_p, seed) @ lora_a.t()  # S = Xd Aᵀ  [M, n·r]
+    out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+    for piece in pieces:
+        # out[:, segment] += scale * S_j @ B_jᵀ
+        out[:, piece.out_cols].addmm_(shrunk[:, piece.s_cols], lora_b[piece.b_rows].t(), alpha=scale)
+    return out, shrunk
+
+
+def _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
+    rows, in_features = x2d.shape
+    # S = Xd @ Aᵀ, kept in fp32 (tiny) for an exact expand and dB.
+    shrunk = torch.empty(rows, lora_a.shape[0], device=x2d.device, dtype=torch.float32)
+    skinny_matmul(x2d, lora_a.t(), shrunk, dropout_p=dropout_p, seed=seed, mask_strides=(in_features, 1))
+    out = torch.empty(rows, weight.shape[0], device=x2d.device, dtype=x2d.dtype)
+    # out = X @ Wᵀ + b + scale * S_j @ B_jᵀ on each adapted segment, one kernel
+    fused_matmul(x2d, weight.t(), bias, shrunk, lora_b.t(), scale, out, slots=slots)
+    return out, shrunk
+
+
+def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, pieces, needs):
+    need_x, need_a, need_b = needs
+    grad_x = grad_a = grad_b = None
+    if need_x or need_a:
+        grad_shrunk = shrunk.new_empty(shrunk.shape)
+        for piece in pieces:
+            # dS_j = scale * G_g @ B_j
+            grad_shrunk[:, piece.s_cols].addmm_(grad[:, piece.out_cols], lora_b[piece.b_rows], beta=0, alpha=scale)
+    if need_x:
+        grad_x = grad @ weight  # dX = G W ...
+        if dropout_p == 0:
+            grad_x.addmm_(grad_shrunk, lora_a)  # ... + dS A
+        else:
+            mask = regenerate_mask(*x2d.shape, dropout_p, seed, x2d.device).to(grad_x.dtype)
+            grad_x.addcmul_(grad_shrunk @ lora_a, mask, value=1.0 / (1.0 - dropout_p))  # ... + (dS A) ⊙ D / (1 - p)
+    if need_a:
+        grad_a = grad_shrunk.t() @ _dropped(x2d, dropout_p, seed)  # dA = dSᵀ Xd
+    if need_b:
+        grad_b = torch.empty_like(lora_b)
+        for piece in pieces:
+            # dB_j = scale * G_gᵀ @ S_j
+            grad_b[piece.b_rows].addmm_(grad[:, piece.out_cols].t(), shrunk[:, piece.s_cols], beta=0, alpha=scale)
+    return grad_x, grad_a, grad_b
+
+
+def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, pieces, needs):
+    need_x, need_a, need_b = needs
+    in_features = x2d.shape[1]
+    grad_x = grad_a = grad_b = None
+    if need_x or need_a:
+        grad_shrunk = torch.empty_like(shrunk)  # fp32 [M, n·r]
+        for piece in pieces:
+            # dS_j = scale * G_g @ B_j
+            skinny_matmul(grad[:, piece.out_cols], lora_b[piece.b_rows], grad_shrunk[:, piece.s_cols], scale=scale)
+    if need_x:
+        grad_x = torch.empty_like(x2d)
+        # dX = G @ W + (dS @ A) * D / (1 - p)   (Σ_j dS_j A_j = dS A: one segment)
+        fused_matmul(grad, weight, None, grad_shrunk, lora_a, 1.0, grad_x, dropout_p=dropout_p, seed=seed)
+    if need_a:
+        # dAᵀ = Xdᵀ @ dS, written through a transposed view of dA [n·r, K]
+        grad_a = torch.empty_like(lora_a)
+        skinny_matmul(x2d.t(), grad_shrunk, grad_a.t(), dropout_p=dropout_p, seed=seed, mask_strides=(1, in_features))
+    if need_b:
+        grad_b = torch.empty_like(lora_b)
+        for piece in pieces:
+            # dB_j = scale * G_gᵀ @ S_j
+            skinny_matmul(grad[:, piece.out_cols].t(), shrunk[:, piece.s_cols], grad_b[piece.b_rows], scale=scale)
+    return grad_x, grad_a, grad_b
+
+
+class LoRAFunction(torch.autograd.Function):
+    """Y = X Wᵀ + b + s · S_j B_jᵀ on each adapted output segment, with the backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
+        x2d = x.reshape(-1, x.shape[-1])
+        pieces = adapter_slices(slots, lora_b.shape[1], weight.shape[0])
+        backend = select_backend(x.device)
+        if backend == "triton":
+            out, shrunk = _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots)
+        else:
+            out, shrunk = _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrunk)
+        ctx.backend, ctx.scale, ctx.dropout_p, ctx.seed, ctx.pieces = backend, scale, dropout_p, seed, pieces
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        backward = _backward_triton if ctx.backend == "triton" else _backward_torch
+        grad_x, grad_a, grad_b = backward(
+            grad, x2d, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, ctx.seed, ctx.pieces, needs
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None  # db = Σ_m G[m, :]
+        # forward args: x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed, slots) -> torch.Tensor:
+    """Validate the arguments, draw a dropout seed if needed, and run LoRAFunction."""
+    check_lora_inputs(x, weight, bias, lora_a, lora_b, slots)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("LoRA treats the base weight as frozen: set weight.requires_grad = False")
+    dropout_p = dropout_p if training else 0.0
+    if dropout_p > 0 and seed is None:
+        seed = draw_seed()
+    return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed or 0, slots)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Y [..., N] = X Wᵀ + b + s · (Xd Aᵀ) Bᵀ for X [..., K]; dropout only when ``training``.
+
+    ``seed`` fixes the dropout mask (default: drawn from torch's global generator).
+    Raises ValueError on mismatched shapes/dtypes/devices and if W requires grad (it is frozen).
+    """
+    return apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed, slots=(0,))

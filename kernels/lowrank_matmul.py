@@ -1,0 +1,266 @@
+"""The two Triton GEMMs every LoRA op is built from, with their launchers.
+
+* ``skinny_matmul``: out[I, r] = scale · (P ⊙ D / (1 - p))[I, J] · Q[J, r], rank-wide output,
+  optional dropout mask D regenerated on the fly from a seed (never stored).
+  Serves S = Xd Aᵀ, dS = s · G B, dA = dSᵀ Xd (computed as dAᵀ = Xdᵀ dS) and dB = s · Gᵀ S.
+* ``fused_matmul``: out[M, N] = P[M, K] · Q[K, N] + b[N] + scale · (L[M, r] · R[r, N]) ⊙ D / (1 - p),
+  the base GEMM with the low-rank "expand" added to the same fp32 accumulator in the epilogue:
+  one pass over the output instead of three. Serves Y (forward) and dX (backward). The
+  output may be split into segments (q, k, v) that each read only their own slice of L, R.
+
+Operands are passed as (possibly strided) 2-D views, so transposes cost nothing.
+The dropout mask of element (m, k) of X is ``keep_mask(seed, m · K + k, p)``; every
+kernel that needs it regenerates it from the same (seed, offset), so forward and
+backward agree without an M × K mask in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import interpreting
+
+# Smallest rank block: tl.dot needs every dimension ≥ 16 on NVIDIA GPUs; the rank is
+# zero-padded (masked loads) up to the next power of two ≥ this.
+MIN_RANK_BLOCK = 16
+# Tiles swept on GPU (classic Triton matmul settings for A100/H100-class parts); under
+# the CPU interpreter autotuning cannot time anything, so one small config is used.
+_GPU_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
+_INTERPRETER_TILE = (32, 32, 32, 4, 1)
+# Rows per program of the skinny GEMM; its output is only r wide, so tiles are tall.
+_GPU_SKINNY = [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3)]
+_INTERPRETER_SKINNY = (32, 32, 4, 1)
+# Programs along M that share a band of Q tiles in L2 ("grouped ordering").
+GROUP_M = 8
+# Output segments with their own adapter in one fused GEMM: q, k, v of a fused projection.
+MAX_SEGMENTS = 3
+
+
+def rank_block(rank: int) -> int:
+    """The power-of-two block holding a rank-``rank`` dimension (≥ MIN_RANK_BLOCK)."""
+    return max(MIN_RANK_BLOCK, triton.next_power_of_2(rank))
+
+
+def dot_precision() -> str:
+    """fp32 tl.dot precision that matches torch's matmul setting: 'tf32' only when torch allows it."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _fused_configs() -> list[triton.Config]:
+    tiles = [_INTERPRETER_TILE] if interpreting() else _GPU_TILES
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in tiles
+    ]
+
+
+def _skinny_configs() -> list[triton.Config]:
+    tiles = [_INTERPRETER_SKINNY] if interpreting() else _GPU_SKINNY
+    return [triton.Config({"BLOCK_I": i, "BLOCK_J": j}, num_warps=w, num_stages=s) for i, j, w, s in tiles]
+
+
+@triton.jit
+def keep_mask(seed, offsets, p):
+    """Dropout keep mask: True with probability 1 - p, a pure function of (seed, offset)."""
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.autotune(configs=_skinny_configs(), key=["ROWS", "INNER", "RANK"])
+@triton.jit
+def _skinny_matmul_kernel(
+    p_ptr, q_ptr, out_ptr,
+    ROWS, INNER, RANK,
+    stride_pi, stride_pj, stride_qj, stride_qr, stride_oi, stride_or,
+    mask_stride_i, mask_stride_j,
+    scale, dropout_p, seed,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """out[i, r] = scale · Σ_j (P[i, j] · D[i, j] / (1 - p)) · Q[j, r]; D's offset is i·msi + j·msj.
+
+    One program owns BLOCK_I full output rows (all r columns) and loops over J.
+    Q tiles are cast to P's dtype so that tl.dot sees one dtype (fp32 accumulation).
+    """
+    pid = tl.program_id(0)
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_I, BLOCK_R), dtype=tl.float32)
+    for j0 in range(0, INNER, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        p_mask = (offs_i[:, None] < ROWS) & (offs_j[None, :] < INNER)
+        p = tl.load(p_ptr + offs_i[:, None] * stride_pi + offs_j[None, :] * stride_pj, mask=p_mask, other=0.0)
+        if HAS_DROPOUT:
+            offsets = offs_i[:, None] * mask_stride_i + offs_j[None, :] * mask_stride_j
+            p = tl.where(keep_mask(seed, offsets, dropout_p), p, 0.0)
+        q_mask = (offs_j[:, None] < INNER) & (offs_r[None, :] < RANK)
+        q = tl.load(q_ptr + offs_j[:, None] * stride_qj + offs_r[None, :] * stride_qr, mask=q_mask, other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        else:
+            q = q.to(p.dtype)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        scale = scale / (1.0 - dropout_p)
+    out_mask = (offs_i[:, None] < ROWS) & (offs_r[None, :] < RANK)
+    out_ptrs = out_ptr + offs_i[:, None] * stride_oi + offs_r[None, :] * stride_or
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_fused_configs(), key=["M", "N", "K", "RANK"])
+@triton.jit
+def _fused_matmul_kernel(
+    p_ptr, q_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
+    M, N, K, RANK, SEGMENT, SLOT_0, SLOT_1, SLOT_2,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_om, stride_on,
+    scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out[m, n] = Σ_k P[m, k] Q[k, n] + b[n] + scale · U[m, n] · D[m, n] / (1 - p).
+
+    The output columns form segments of width SEGMENT (g = n // SEGMENT, at most 3: q, k, v).
+    Segment g with adapter slot j = SLOT_g ≥ 0 gets U[m, n] = Σ_t L[m, j·r + t] R[t, n + (j − g)·SEGMENT],
+    i.e. its own r columns of L and its own columns of R; a segment with SLOT_g = -1 gets
+    no update and costs nothing. A plain LoRA linear is one segment (SEGMENT = N, slot 0).
+
+    Main loop: the base GEMM into an fp32 accumulator. Epilogue: each segment's rank-r
+    expand (L is tiny, M × n·r) into the same accumulator, masked by D (offset m·N + n)
+    when HAS_DROPOUT; then the bias; one store.
+    """
+    # Grouped ordering: GROUP consecutive programs walk down M over the same N band (L2 reuse).
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_size = GROUP * num_n
+    first_m = (pid // group_size) * GROUP
+    rows_in_group = min(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        p_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        p = tl.load(p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=p_mask, other=0.0)
+        q_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        q = tl.load(q_ptr + offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=q_mask, other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+
+    # Epilogue, naive form: out += scale * ((L_j @ R_j) * D / (1 - p)) for each segment in this tile
+    offs_r = tl.arange(0, BLOCK_R)
+    update = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first_segment = (pid_n * BLOCK_N) // SEGMENT
+    last_segment = (min(pid_n * BLOCK_N + BLOCK_N, N) - 1) // SEGMENT
+    for segment in range(first_segment, last_segment + 1):
+        slot = tl.where(segment == 0, SLOT_0, tl.where(segment == 1, SLOT_1, SLOT_2))
+        if slot >= 0:
+            l_mask = (offs_m[:, None] < M) & (offs_r[None, :] < RANK)
+            l_ptrs = l_ptr + offs_m[:, None] * stride_lm + (slot * RANK + offs_r[None, :]) * stride_lr
+            low = tl.load(l_ptrs, mask=l_mask, other=0.0)
+            in_segment = (offs_n // SEGMENT == segment) & (offs_n < N)
+            r_mask = (offs_r[:, None] < RANK) & in_segment[None, :]
+            r_cols = offs_n + (slot - segment) * SEGMENT
+            high = tl.load(r_ptr + offs_r[:, None] * stride_rr + r_cols[None, :] * stride_rn, mask=r_mask, other=0.0)
+            if UPCAST:
+                low = low.to(tl.float32)
+                high = high.to(tl.float32)
+            else:
+                low = low.to(high.dtype)
+            update = tl.dot(low, high, update, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = keep_mask(seed, offs_m[:, None] * N + offs_n[None, :], dropout_p)
+        update = tl.where(keep, update, 0.0)
+        scale = scale / (1.0 - dropout_p)
+    acc += scale * update
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def skinny_matmul(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    mask_strides: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """out[I, r] ← scale · (P ⊙ D / (1 - p)) Q for P [I, J], Q [J, r]; D at offset i·ms[0] + j·ms[1]."""
+    (rows, inner), rank = p.shape, q.shape[1]
+    if rows == 0:
+        return out
+    if inner == 0:
+        return out.zero_()
+    _skinny_matmul_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_I"]),)](
+        p, q, out,
+        rows, inner, rank,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        mask_strides[0], mask_strides[1],
+        scale, dropout_p, seed,
+        HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(), PRECISION=dot_precision(), BLOCK_R=rank_block(rank),
+    )  # fmt: skip
+    return out
+
+
+def fused_matmul(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    bias: torch.Tensor | None,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    slots: tuple[int, ...] = (0,),
+) -> torch.Tensor:
+    """out[M, N] ← P Q + b + scale · U ⊙ D / (1 - p) for P [M, K], Q [K, N].
+
+    ``slots[g]`` is the adapter slot of output segment g (N is split into len(slots) equal
+    segments; -1: no adapter); slot j uses L [M, n·r] columns j·r … j·r + r - 1 and
+    R [r, n·w] columns j·w … j·w + w - 1 (w = N / len(slots)). Default: one segment, U = L R.
+    """
+    (rows, inner), cols = p.shape, q.shape[1]
+    if not 1 <= len(slots) <= MAX_SEGMENTS or cols % len(slots):
+        raise ValueError(f"cannot split {cols} output columns into {len(slots)} segments (at most {MAX_SEGMENTS})")
+    if rows == 0 or cols == 0:
+        return out
+    rank = low.shape[1] // max(1, sum(slot >= 0 for slot in slots))
+    slot_args = (*slots, *(-1,) * (MAX_SEGMENTS - len(slots)))
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_matmul_kernel[grid](
+        p, q, bias if bias is not None else out, low, high, out,
+        rows, cols, inner, rank, cols // len(slots), *slot_args,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), low.stride(0), low.stride(1),
+        high.stride(0), high.stride(1), out.stride(0), out.stride(1),
+        scale, dropout_p, seed,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(),
+        PRECISION=dot_precision(), BLOCK_R=rank_block(rank), GROUP=GROUP_M,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, numel, dropout_p, seed, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = keep_mask(seed, offsets, dropout_p)
+    tl.store(out_ptr + offsets, keep.to(out_ptr.dtype.element_ty), mask=offsets < numel)
+
+
+def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The {0, 1} float mask D [rows, cols] that the kernels regenerate from ``seed`` (for tests and debugging)."""
+    out = torch.empty(rows, cols, device=device)
+    block = 1024
+    _dropout_mask_kernel[(triton.cdiv(out.numel(), block),)](out, out.numel(), dropout_p, seed, BLOCK=block)
+    return out
