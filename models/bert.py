@@ -1,0 +1,98 @@
+"""BERT encoder (Devlin et al., 2019) that loads HF ``BertModel`` checkpoints (e.g. all-MiniLM-L6-v2).
+
+ids (B, T) → LayerNorm(word[ids] + type[token_type_ids] + pos[0..T-1]) (B, T, D) → post-norm blocks
+→ class feature tanh(pooler(h_cls)) when the checkpoint has a pooler, else h_cls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from models.transformer import (
+    EncoderConfig,
+    HFLayout,
+    TransformerEncoder,
+    checkpoint_export_fn,
+    checkpoint_filter_fn,
+)
+
+__all__ = ["Bert", "BertConfig", "checkpoint_export_fn", "checkpoint_filter_fn"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BertConfig(EncoderConfig):
+    """HF BertConfig fields that shape the encoder (others: see EncoderConfig); defaults are HF's."""
+
+    model_type: ClassVar[str] = "bert"
+    hf_architecture: ClassVar[str] = "BertModel"
+
+    vocab_size: int
+    max_position_embeddings: int = 512  # longest sequence
+    type_vocab_size: int = 2  # token types (segments)
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    position_embedding_type: str = "absolute"  # the only kind implemented
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} not supported")
+
+
+class Bert(TransformerEncoder):
+    """BERT encoder; forward(ids (B, T)) → (hidden (B, T + k, D), class feature (B, D))."""
+
+    config_class = BertConfig
+    pre_norm = False
+    hf_layout = HFLayout(
+        base_prefix="bert.",
+        qkv="attention.self",
+        layer=(
+            ("attention.output.dense", "attn.proj"),
+            ("attention.output.LayerNorm", "norm1"),
+            ("intermediate.dense", "mlp.fc1"),
+            ("output.dense", "mlp.fc2"),
+            ("output.LayerNorm", "norm2"),
+        ),
+        top=(
+            ("embeddings.word_embeddings", "word_embed"),
+            ("embeddings.position_embeddings", "pos_embed"),
+            ("embeddings.token_type_embeddings", "type_embed"),
+            ("embeddings.LayerNorm", "embed_norm"),
+            ("pooler.dense", "pooler"),
+        ),
+        ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
+    )
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        dim = config.hidden_size
+        self.word_embed = nn.Embedding(config.vocab_size, dim)
+        self.pos_embed = nn.Embedding(config.max_position_embeddings, dim)
+        self.type_embed = nn.Embedding(config.type_vocab_size, dim)
+        self.embed_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.reset_parameters()
+
+    def embed(self, x: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T) token ids, token_type_ids (B, T) (default 0) → (B, T, D)."""
+        if x.shape[1] > self.pos_embed.num_embeddings:
+            raise ValueError(f"{x.shape[1]} tokens exceed max_position_embeddings {self.pos_embed.num_embeddings}")
+        types = torch.zeros_like(x) if token_type_ids is None else token_type_ids
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.embed_norm(self.word_embed(x) + self.type_embed(types) + self.pos_embed(positions))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T), extra_tokens (B, k, D), attention_mask (B, T) 1 = token, 0 = padding
+        → (hidden (B, T + k, D), class feature (B, D))."""
+        hidden = self.forward_features(self.embed(x, token_type_ids), extra_tokens, attention_mask)
+        return hidden, self.class_feature(hidden)
