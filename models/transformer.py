@@ -124,7 +124,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D), mask (B, 1, 1, T) bool with True where a key may be attended → (B, T, D)."""
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
         dropout = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
