@@ -1,12 +1,14 @@
 """Packaging for lowrank: a LoRA core for PyTorch with fused Triton kernels."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="lowrank",
     version="0.1.0",
     description="LoRA for PyTorch with fused Triton kernels, for multimodal adaptation of unimodal encoders",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["lowrank", "kernels", "models", "mmdata", "bench"],

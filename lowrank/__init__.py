@@ -1,1 +1,37 @@
-"""lowrank."""
+"""lowrank: LoRA adapters for PyTorch models, with fused Triton kernels underneath.
+
+model = add_lora(model, LoRAConfig(rank=8, alpha=16, targets=("q", "v")))
+optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
+...
+save_adapter(model, "adapter/");  merge_lora(model)  # plain-GEMM inference
+"""
+
+from lowrank.adapter_io import load_adapter, save_adapter
+from lowrank.config import LoRAConfig
+from lowrank.inject import TARGET_PATTERNS, add_lora
+from lowrank.layer import LoRALayer
+from lowrank.linear import LoRALinear
+from lowrank.qkv import LoRAQKVLinear
+from lowrank.state import (
+    lora_parameters,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    unmerge_lora,
+)
+
+__all__ = [
+    "TARGET_PATTERNS",
+    "LoRAConfig",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAQKVLinear",
+    "add_lora",
+    "load_adapter",
+    "lora_parameters",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "save_adapter",
+    "unmerge_lora",
+]

@@ -1,0 +1,82 @@
+"""add_lora: wrap a model's Linear layers in LoRA adapters, chosen by name.
+
+Targets are short names resolved through TARGET_PATTERNS (fit for the encoders in
+``models/``: fused ``attn.qkv``, ``attn.proj``, ``mlp.fc1/fc2``), ``"all"``, or any
+regular expression, matched in full against ``model.named_modules()`` names:
+
+    LoRAConfig(targets=("q", "v"))                       # q and v thirds of every fused qkv
+    LoRAConfig(targets=("all",))                         # q, k, v, o and the MLP
+    LoRAConfig(targets=(r".*attention\\.self\\.(query|value)",))   # e.g. Hugging Face BERT
+
+q, k and v on a fused qkv Linear make one LoRAQKVLinear adapting just those thirds;
+any other match becomes a LoRALinear. The model's code is never changed: modules are
+swapped in place, keeping their weight objects.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from lowrank.config import LoRAConfig
+from lowrank.layer import LoRALayer
+from lowrank.linear import LoRALinear
+from lowrank.qkv import LoRAQKVLinear
+from lowrank.state import mark_only_lora_as_trainable
+
+QKV_TARGETS = ("q", "k", "v")
+# target name → regex over module names (full match). Edit a copy, or pass regexes as targets.
+TARGET_PATTERNS: dict[str, str] = {
+    "q": r"(.*\.)?qkv",
+    "k": r"(.*\.)?qkv",
+    "v": r"(.*\.)?qkv",
+    "o": r"(.*\.)?attn\.proj",
+    "mlp": r"(.*\.)?mlp\.fc[12]",
+}
+ALL_TARGETS = ("q", "k", "v", "o", "mlp")
+
+
+def _expand(targets: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(t for target in targets for t in (ALL_TARGETS if target == "all" else (target,))))
+
+
+def _match_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, set[str]]:
+    """Linear-module name → the targets that matched it; raises if a target matches nothing."""
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    matches: dict[str, set[str]] = {}
+    for target in targets:
+        pattern = re.compile(TARGET_PATTERNS.get(target, target))
+        hits = [name for name in linear_names if pattern.fullmatch(name)]
+        if not hits:
+            shown = ", ".join(linear_names[:8]) + (", …" if len(linear_names) > 8 else "")
+            raise ValueError(
+                f"LoRA target {target!r} (pattern {pattern.pattern!r}) matches no nn.Linear in "
+                f"{type(model).__name__}; its Linear layers are: {shown or 'none'}"
+            )
+        for name in hits:
+            matches.setdefault(name, set()).add(target)
+    return matches
+
+
+def _adapter_for(name: str, linear: nn.Linear, targets: set[str], config: LoRAConfig) -> LoRALayer:
+    projections = targets & set(QKV_TARGETS)
+    if projections and targets - projections:
+        raise ValueError(f"{name} matched both q/k/v targets and {sorted(targets - projections)}; make them disjoint")
+    if projections:
+        return LoRAQKVLinear(linear, config.rank, config.scale, sorted(projections), config.dropout)
+    return LoRALinear(linear, config.rank, config.scale, config.dropout)
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap every targeted Linear of ``model`` in place, freeze all but the adapters (and the
+    biases ``config.bias`` names), record ``model.lora_config``; returns ``model``."""
+    if any(isinstance(module, LoRALayer) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has LoRA adapters; adding a second set is not supported")
+    for name, targets in _match_targets(model, _expand(config.targets)).items():
+        if not name:
+            raise ValueError("add_lora adapts Linear layers inside a model; wrap a bare nn.Linear in LoRALinear")
+        model.set_submodule(name, _adapter_for(name, model.get_submodule(name), targets, config))
+    model.lora_config = config
+    mark_only_lora_as_trainable(model, config.bias)
+    return model
