@@ -10,10 +10,10 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import pytest
+from hypothesis import settings
 
-from kernels.backend import use_backend  # noqa: E402
+from kernels.backend import use_backend
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)
