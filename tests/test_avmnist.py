@@ -97,8 +97,7 @@ def load_split(folder: Path, split: str) -> dict[str, np.ndarray]:
         "image": np.load(folder / "image" / f"{split}_data.npy"),
         "audio": np.load(folder / "audio" / f"{split}_data.npy"),
         "labels": np.load(folder / f"{split}_labels.npy"),
-        "recordings": np.load(folder / "meta" / f"{split}_recordings.npy"),
-        "image_index": np.load(folder / "meta" / f"{split}_image_index.npy"),
+        **avmnist.load_provenance(folder, split),
     }
 
 
