@@ -45,8 +45,9 @@ def _merge_kernel(
     )
 
 
+@torch.no_grad()
 def merge_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """A new tensor W + s · B A (fp32 accumulation, one cast to W's dtype); W is not modified."""
+    """A new tensor W + s · B A (fp32 accumulation, one cast to W's dtype, no autograd); W is not modified."""
     (out_features, in_features), rank = weight.shape, lora_a.shape[0]
     if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
         raise ValueError(
