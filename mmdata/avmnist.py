@@ -51,7 +51,7 @@ CLIP_SAMPLES = sources.FSDD_SAMPLE_RATE  # 1 s at 8 kHz; FSDD takes last 0.2–2
 N_FFT = 256  # 32 ms window; a power of two (2.4× faster than 222); its lowest 112 of 129 bins: 0–3.5 kHz
 HOP = CLIP_SAMPLES // (SPEC_SIZE - 1)  # 72 → 1 + 8000 // 72 = 112 frames (center=True)
 TOP_DB = 80.0  # dynamic range kept below each spectrogram's peak (librosa's default)
-STFT_CHUNK = 1024  # pairs per STFT batch: [1024, 112, 112] complex64 ≈ 100 MB
+STFT_CHUNK = 1024  # pairs per STFT batch: [1024, 129, 112] complex64 ≈ 120 MB
 MULTIBENCH_VAL_FRACTION = 5000 / 60000  # MultiBench carves 5k of its 60k train for validation
 MINI_HELD_OUT_FRACTION = 0.1  # avmnist-mini: 1,000 val + 1,000 test of the 10k images
 SPLITS = ("train", "val", "test")
@@ -127,8 +127,11 @@ def project_pca(x: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor) -> torc
 
 def parse_recording(name: str) -> tuple[int, str, int]:
     """``"{digit}_{speaker}_{take}.wav"`` → (digit, speaker, take)."""
-    digit, speaker, take = Path(name).stem.split("_")
-    return int(digit), speaker, int(take)
+    try:
+        digit, speaker, take = Path(name).stem.split("_")
+        return int(digit), speaker, int(take)
+    except ValueError as err:
+        raise ValueError(f"{name}: not an FSDD recording name {{digit}}_{{speaker}}_{{take}}.wav") from err
 
 
 def fit_clip(wave: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:
@@ -205,12 +208,12 @@ def carve_val(n: int, seed: int) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- build
 
 
-def _cache_key(variant: str, raw: RawSources, opts: BuildOptions) -> str:
+def _cache_key(variant: Variant, opts: BuildOptions) -> str:
     """Folder name of a built set: readable options plus a hash of everything it depends on."""
-    spec = {"variant": variant, "version": BUILD_VERSION, "raw": asdict(raw), "opts": asdict(opts)}
+    spec = {"variant": variant.name, "version": BUILD_VERSION, "raw": asdict(variant.raw), "opts": asdict(opts)}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     snr = "clean" if opts.audio_snr is None else f"{opts.audio_snr:g}"
-    return f"{variant}_snr{snr}_seed{opts.seed}_{digest}"
+    return f"{variant.name}_snr{snr}_seed{opts.seed}_{digest}"
 
 
 def _read_raw(raw: RawSources, roots: Iterable[Path] | None) -> tuple[np.ndarray, np.ndarray, list[int], Path]:
@@ -299,32 +302,63 @@ def _publish(tmp: Path, dest: Path) -> None:
         shutil.rmtree(tmp)
 
 
-def _build(
-    variant: str,
-    raw: RawSources,
-    plan_fn: Callable[[list[int], int], dict[str, np.ndarray]],
-    takes: dict[str, range],
-    opts: BuildOptions,
-    source_dir: str | Path | None,
-    cache_dir: str | Path | None,
+def _mini_plan(counts: list[int], seed: int) -> dict[str, np.ndarray]:
+    return mini_plan(sum(counts), seed)
+
+
+def _full_plan(counts: list[int], seed: int) -> dict[str, np.ndarray]:
+    n_train, n_test = counts
+    return {"train": np.arange(n_train), "test": np.arange(n_train, n_train + n_test)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One AV-MNIST variant: its raw sources, its image split and the FSDD takes each split draws from.
+
+    plan: (rows per image IDX file, seed) → source image indices per split.
+    """
+
+    name: str
+    raw: RawSources
+    plan: Callable[[list[int], int], dict[str, np.ndarray]]
+    takes: dict[str, range]
+
+
+VARIANTS = {
+    "avmnist": Variant("avmnist", FULL_SOURCES, _full_plan, FULL_TAKES),
+    "avmnist-mini": Variant("avmnist-mini", MINI_SOURCES, _mini_plan, MINI_TAKES),
+}
+
+
+def build(
+    variant: Variant | str,
+    opts: BuildOptions = BuildOptions(),
+    source_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Path:
-    """Build a variant once into ``<cache>/built/<key>`` (written in a temp folder, then renamed)."""
-    dest = Path(cache_dir or sources.cache_dir()) / "built" / _cache_key(variant, raw, opts)
+    """Build a variant once into ``<cache>/built/<key>`` (in a temp folder, then renamed); return it.
+
+    source_dir: a root holding mnist/ and fsdd/recordings/; None → ../shared/data, then the cache
+                (downloading what is missing there).
+    cache_dir:  where built sets go; None → $LOWRANK_DATA or ~/.cache/lowrank.
+    """
+    variant = VARIANTS[variant] if isinstance(variant, str) else variant
+    dest = Path(cache_dir or sources.cache_dir()) / "built" / _cache_key(variant, opts)
     if dest.is_dir():
         return dest
     start = time.perf_counter()
-    images, labels, counts, fsdd = _read_raw(raw, None if source_dir is None else [Path(source_dir)])
-    plan = plan_fn(counts, opts.seed)
+    images, labels, counts, fsdd = _read_raw(variant.raw, None if source_dir is None else [Path(source_dir)])
+    plan = variant.plan(counts, opts.seed)
     bank = RecordingBank.load(fsdd)
     pca = fit_pca(_flat(images[plan["train"]]), opts.energy_kept)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     split_seeds = np.random.SeedSequence(opts.seed).spawn(len(plan))
     for (split, index), seeds in zip(plan.items(), split_seeds, strict=True):
-        pool = bank.pool(takes[split])
+        pool = bank.pool(variant.takes[split])
         _build_split(tmp, split, index, images, labels, pool, bank, pca, opts.audio_snr, seeds)
     meta = {
-        "variant": variant,
+        "variant": variant.name,
         "options": asdict(opts),
         "sizes": {split: len(index) for split, index in plan.items()},
         "pca_components": pca[1].shape[1],
@@ -333,38 +367,6 @@ def _build(
     (tmp / "meta" / "build.json").write_text(json.dumps(meta, indent=2))
     _publish(tmp, dest)
     return dest
-
-
-def _mini_split(counts: list[int], seed: int) -> dict[str, np.ndarray]:
-    return mini_plan(sum(counts), seed)
-
-
-def _full_split(counts: list[int], seed: int) -> dict[str, np.ndarray]:
-    n_train, n_test = counts
-    return {"train": np.arange(n_train), "test": np.arange(n_train, n_train + n_test)}
-
-
-def build_avmnist_mini(
-    opts: BuildOptions = BuildOptions(),
-    source_dir: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    raw: RawSources = MINI_SOURCES,
-) -> Path:
-    """Build avmnist-mini (train/val/test) from the 10k MNIST test images + FSDD; return its folder.
-
-    source_dir: a root holding mnist/ and fsdd/recordings/ (default: ../shared/data, then the cache).
-    """
-    return _build("avmnist-mini", raw, _mini_split, MINI_TAKES, opts, source_dir, cache_dir)
-
-
-def build_avmnist(
-    opts: BuildOptions = BuildOptions(),
-    source_dir: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    raw: RawSources = FULL_SOURCES,
-) -> Path:
-    """Build the full AV-MNIST (train 60k / test 10k) from MNIST + FSDD, downloading what is missing."""
-    return _build("avmnist", raw, _full_split, FULL_TAKES, opts, source_dir, cache_dir)
 
 
 # ----------------------------------------------------------------------------- MultiBench loader
@@ -440,7 +442,8 @@ def load_provenance(data_dir: str | Path, split: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- registry entries
 
 
-def avmnist(
+def load_avmnist(
+    variant: str,
     split: str,
     data_dir: str | Path | None = None,
     *,
@@ -449,27 +452,21 @@ def avmnist(
     source_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
 ) -> AVMNIST:
-    """AV-MNIST: the MultiBench files in ``data_dir`` if given, else built from the raw sources."""
+    """``split`` of the MultiBench files in ``data_dir`` if given, else of ``variant`` built (once) by
+    ``build``; ``seed`` drives the build and, for a train file without val, the 55k/5k carve."""
     if data_dir is None:
-        opts = BuildOptions(audio_snr=parse_snr(audio_snr), seed=seed)
-        data_dir = build_avmnist(opts, source_dir, cache_dir)
+        data_dir = build(variant, BuildOptions(audio_snr=parse_snr(audio_snr), seed=seed), source_dir, cache_dir)
     return load_multibench(data_dir, split, seed)
 
 
-def avmnist_mini(
-    split: str,
-    data_dir: str | Path | None = None,
-    *,
-    audio_snr: float | str | None = -10.0,
-    seed: int = 0,
-    source_dir: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-) -> AVMNIST:
-    """avmnist-mini: built once from ../shared/data (or ``source_dir``) into the cache, then loaded."""
-    if data_dir is None:
-        opts = BuildOptions(audio_snr=parse_snr(audio_snr), seed=seed)
-        data_dir = build_avmnist_mini(opts, source_dir, cache_dir)
-    return load_multibench(data_dir, split, seed)
+def avmnist(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:
+    """AV-MNIST (55k/5k/10k; MultiBench files or built from downloads): ``load_avmnist("avmnist", …)``."""
+    return load_avmnist("avmnist", split, data_dir, **options)
+
+
+def avmnist_mini(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:
+    """avmnist-mini (8k/1k/1k, offline): ``load_avmnist("avmnist-mini", …)``."""
+    return load_avmnist("avmnist-mini", split, data_dir, **options)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -499,7 +496,7 @@ def save_grid(dataset: AVMNIST, path: Path, n: int = 8) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Build (or load) a variant, print its split sizes, and with --show save a PNG grid of pairs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("avmnist-mini", "avmnist"), default="avmnist-mini")
+    parser.add_argument("--dataset", choices=sorted(VARIANTS), default="avmnist-mini")
     parser.add_argument("--data-dir", type=Path, default=None, help="existing MultiBench-layout folder")
     parser.add_argument("--audio-snr", default="-10", help="dB of white noise, or 'clean'")
     parser.add_argument("--seed", type=int, default=0)
@@ -507,9 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", action="store_true", help="save a PNG grid of image/spectrogram pairs")
     parser.add_argument("--out", type=Path, default=Path("avmnist.png"))
     args = parser.parse_args(argv)
-    factory = avmnist_mini if args.dataset == "avmnist-mini" else avmnist
     start = time.perf_counter()
-    splits = {s: factory(s, args.data_dir, audio_snr=args.audio_snr, seed=args.seed) for s in SPLITS}
+    options = {"audio_snr": args.audio_snr, "seed": args.seed}
+    splits = {s: load_avmnist(args.dataset, s, args.data_dir, **options) for s in SPLITS}
     sizes = ", ".join(f"{s} {len(d):,}" for s, d in splits.items())
     print(f"{args.dataset}: {sizes} (ready in {time.perf_counter() - start:.1f} s)")
     if args.show:

@@ -5,6 +5,7 @@ Nothing here touches the network: downloads go through a monkeypatched ``urllib.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -79,6 +80,11 @@ def make_sources(root: Path) -> RawSources:
     return RawSources((remotes[0],), (remotes[1],), sources.recordings_digest(folder))
 
 
+def synthetic(raw: RawSources) -> avmnist.Variant:
+    """avmnist-mini's recipe applied to the synthetic sources."""
+    return dataclasses.replace(avmnist.VARIANTS["avmnist-mini"], raw=raw)
+
+
 @pytest.fixture(scope="module")
 def raw_root(tmp_path_factory) -> tuple[Path, RawSources]:
     root = tmp_path_factory.mktemp("raw")
@@ -88,7 +94,7 @@ def raw_root(tmp_path_factory) -> tuple[Path, RawSources]:
 @pytest.fixture(scope="module")
 def built(raw_root, tmp_path_factory) -> Path:
     root, raw = raw_root
-    return avmnist.build_avmnist_mini(BuildOptions(seed=0), root, tmp_path_factory.mktemp("cache"), raw)
+    return avmnist.build(synthetic(raw), BuildOptions(seed=0), root, tmp_path_factory.mktemp("cache"))
 
 
 def load_split(folder: Path, split: str) -> dict[str, np.ndarray]:
@@ -178,7 +184,7 @@ def test_build_refuses_sources_with_bad_checksum(raw_root, tmp_path):
     root, raw = raw_root
     bad = RawSources(raw.images, (RemoteFile(raw.labels[0].relpath, (), "f" * 32),), raw.fsdd_digest)
     with pytest.raises(ChecksumError, match=r"t10k-labels-idx1-ubyte\.gz"):
-        avmnist.build_avmnist_mini(BuildOptions(), root, tmp_path, bad)
+        avmnist.build(synthetic(bad), BuildOptions(), root, tmp_path)
 
 
 class FakeResponse(io.BytesIO):
@@ -322,8 +328,8 @@ def test_built_pairs_share_their_digit_and_no_recording_crosses_splits(built, ra
 
 def test_build_is_deterministic_by_seed(built, raw_root, tmp_path):
     root, raw = raw_root
-    again = avmnist.build_avmnist_mini(BuildOptions(seed=0), root, tmp_path / "a", raw)
-    other = avmnist.build_avmnist_mini(BuildOptions(seed=1), root, tmp_path / "b", raw)
+    again = avmnist.build(synthetic(raw), BuildOptions(seed=0), root, tmp_path / "a")
+    other = avmnist.build(synthetic(raw), BuildOptions(seed=1), root, tmp_path / "b")
     for split in avmnist.SPLITS:
         first, second, third = (load_split(d, split) for d in (built, again, other))
         for key in first:
@@ -335,9 +341,9 @@ def test_build_is_cached_by_options(built, raw_root):
     root, raw = raw_root
     cache = built.parent.parent
     stamp = (built / "image" / "train_data.npy").stat().st_mtime_ns
-    assert avmnist.build_avmnist_mini(BuildOptions(seed=0), root, cache, raw) == built
+    assert avmnist.build(synthetic(raw), BuildOptions(seed=0), root, cache) == built
     assert (built / "image" / "train_data.npy").stat().st_mtime_ns == stamp
-    clean = avmnist.build_avmnist_mini(BuildOptions(audio_snr=None), root, cache, raw)
+    clean = avmnist.build(synthetic(raw), BuildOptions(audio_snr=None), root, cache)
     assert clean != built and "snrclean" in clean.name
     assert not [p for p in cache.rglob("*") if p.name.startswith(".")], "no temporary folder left behind"
 

@@ -24,7 +24,7 @@ CHANCE = 0.1
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
-    return avmnist.build_avmnist_mini(cache_dir=tmp_path_factory.mktemp("lowrank-cache"))
+    return avmnist.build("avmnist-mini", cache_dir=tmp_path_factory.mktemp("lowrank-cache"))
 
 
 def test_pinned_checksums_match_the_offline_copy():
