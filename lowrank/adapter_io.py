@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,24 +20,12 @@ from torch import nn
 
 from lowrank.config import LoRAConfig
 from lowrank.inject import add_lora
+from lowrank.io import atomic_write, state_dict_problems
 from lowrank.state import lora_layers, lora_state_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "lowrank-adapter"
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
@@ -51,7 +37,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = {name: tensor.contiguous() for name, tensor in lora_state_dict(model).items()}
     document = json.dumps({"format": FORMAT, "version": 1, "config": config.to_dict()}, indent=2)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(document, encoding="utf-8"))
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
@@ -77,23 +63,6 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupt or truncated adapter weights {file}: {error}") from error
 
 
-def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a ValueError listing missing keys, unexpected keys and shape mismatches by name."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [
-        f"{name}: expected {tuple(expected[name].shape)}, found {tuple(found[name].shape)}"
-        for name in sorted(set(expected) & set(found))
-        if expected[name].shape != found[name].shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items)}" for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                 ("shape mismatches", mismatched)) if items
-    ]  # fmt: skip
-    if problems:
-        raise ValueError(f"{source} does not fit the model; " + "; ".join(problems))
-
-
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter into ``model``; adds LoRA with the saved config first if the model has none."""
@@ -109,7 +78,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     file = Path(path) / WEIGHTS_FILE
     tensors = _read_tensors(file)
     own = lora_state_dict(model)
-    check_state_dict(own, tensors, str(file))
+    problems = state_dict_problems(own, tensors)
+    if problems:
+        raise ValueError(f"{file} does not fit the model: " + "; ".join(problems))
     for name, tensor in tensors.items():
         own[name].copy_(tensor)
     return model

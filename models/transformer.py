@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from functools import partial
@@ -27,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowrank.io import atomic_write, state_dict_problems
+
 StateDict = dict[str, torch.Tensor]
 ConfigT = TypeVar("ConfigT", bound="EncoderConfig")
 EncoderT = TypeVar("EncoderT", bound="TransformerEncoder")
@@ -34,7 +35,6 @@ EncoderT = TypeVar("EncoderT", bound="TransformerEncoder")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LORA_MARKER = "lora_"  # keys of adapters injected from outside; the only keys allowed to be missing
-MAX_KEYS_SHOWN = 8  # per category in a checkpoint error: enough to recognise the architecture
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # erf form: HF's "gelu"
@@ -307,27 +307,9 @@ class TransformerEncoder(nn.Module):
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Raise CheckpointError naming missing (LoRA keys excepted), unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(k for k in expected.keys() - state_dict.keys() if LORA_MARKER not in k)
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    mismatched = [
-        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in sorted(expected.keys() & state_dict.keys())
-        if state_dict[k].shape != expected[k].shape
-    ]
-    problems = [
-        _describe_keys(label, keys)
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if keys
-    ]
+    problems = state_dict_problems(model.state_dict(), state_dict, may_be_missing=lambda key: LORA_MARKER in key)
     if problems:
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
-
-
-def _describe_keys(label: str, keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_KEYS_SHOWN])
-    more = f", … (+{len(keys) - MAX_KEYS_SHOWN} more)" if len(keys) > MAX_KEYS_SHOWN else ""
-    return f"{len(keys)} {label}: {shown}{more}"
 
 
 # ---------------------------------------------------------------------------------------------- HF keys
@@ -461,22 +443,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], StateDict]:
 def write_checkpoint(directory: Path, hf_config: dict[str, Any], state_dict: StateDict) -> None:
     """Write ``directory``/model.safetensors, then config.json, each via a temp file + os.replace."""
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    """Run write(tmp) on a temp file beside ``target``, then rename it over ``target``."""
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- registry
