@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,6 +53,20 @@ class LoRALayer(nn.Module):
         """W + ΔW as a new tensor of W's dtype (fp32 accumulation)."""
         raise NotImplementedError
 
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Y = X Wᵀ + b + ΔY through the fused kernels (unmerged layers)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged:
+            return self.adapted_forward(x)
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} is merged: training now would update an adapter that is not used; "
+                "call unmerge_lora(model) before training (or model.eval() / torch.no_grad() for inference)"
+            )
+        return F.linear(x, self.weight, self.bias)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into W for plain-GEMM inference; a no-op when already merged."""
@@ -72,10 +87,3 @@ class LoRALayer(nn.Module):
         self.weight.data = self._unmerged_weight
         self._unmerged_weight = None
         self.merged = False
-
-    def check_not_training_merged(self) -> None:
-        if self.training and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{type(self).__name__} is merged: training now would update an adapter that is not used; "
-                "call unmerge_lora(model) before training (or model.eval() / torch.no_grad() for inference)"
-            )

@@ -11,7 +11,6 @@ B starts at zero, so an untrained adapter is exactly the wrapped layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.lora_linear import lora_linear
@@ -31,10 +30,7 @@ class LoRALinear(LoRALayer):
             torch.zeros(self.out_features, rank, dtype=self.weight.dtype, device=self.weight.device)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            self.check_not_training_merged()
-            return F.linear(x, self.weight, self.bias)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scale, self.dropout, self.training)
 
     def merged_weight(self) -> torch.Tensor:

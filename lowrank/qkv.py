@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.lora_qkv import PROJECTIONS, lora_qkv, qkv_slots
@@ -41,10 +40,7 @@ class LoRAQKVLinear(LoRALayer):
             torch.zeros(adapted * self.projection_width, rank, dtype=like.dtype, device=like.device)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            self.check_not_training_merged()
-            return F.linear(x, self.weight, self.bias)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_qkv(
             x,
             self.weight,
