@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -293,15 +290,6 @@ def _build_split(
         np.save(dest / relpath, array)
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Move a finished build folder into place in one step; if another process won the race, keep theirs."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp)
-
-
 def _mini_plan(counts: list[int], seed: int) -> dict[str, np.ndarray]:
     return mini_plan(sum(counts), seed)
 
@@ -336,7 +324,7 @@ def build(
     source_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
 ) -> Path:
-    """Build a variant once into ``<cache>/built/<key>`` (in a temp folder, then renamed); return it.
+    """Build a variant once into ``<cache>/built/<key>`` (staged in a temp folder); return that folder.
 
     source_dir: a root holding mnist/ and fsdd/recordings/; None → ../shared/data, then the cache
                 (downloading what is missing there).
@@ -351,21 +339,19 @@ def build(
     plan = variant.plan(counts, opts.seed)
     bank = RecordingBank.load(fsdd)
     pca = fit_pca(_flat(images[plan["train"]]), opts.energy_kept)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     split_seeds = np.random.SeedSequence(opts.seed).spawn(len(plan))
-    for (split, index), seeds in zip(plan.items(), split_seeds, strict=True):
-        pool = bank.pool(variant.takes[split])
-        _build_split(tmp, split, index, images, labels, pool, bank, pca, opts.audio_snr, seeds)
-    meta = {
-        "variant": variant.name,
-        "options": asdict(opts),
-        "sizes": {split: len(index) for split, index in plan.items()},
-        "pca_components": pca[1].shape[1],
-        "build_seconds": round(time.perf_counter() - start, 2),
-    }
-    (tmp / "meta" / "build.json").write_text(json.dumps(meta, indent=2))
-    _publish(tmp, dest)
+    with sources.staged(dest, folder=True) as tmp:
+        for (split, index), seeds in zip(plan.items(), split_seeds, strict=True):
+            pool = bank.pool(variant.takes[split])
+            _build_split(tmp, split, index, images, labels, pool, bank, pca, opts.audio_snr, seeds)
+        meta = {
+            "variant": variant.name,
+            "options": asdict(opts),
+            "sizes": {split: len(index) for split, index in plan.items()},
+            "pca_components": pca[1].shape[1],
+            "build_seconds": round(time.perf_counter() - start, 2),
+        }
+        (tmp / "meta" / "build.json").write_text(json.dumps(meta, indent=2))
     return dest
 
 

@@ -22,7 +22,8 @@ import tarfile
 import tempfile
 import urllib.request
 import wave
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,19 +132,43 @@ def verify_recordings(folder: Path, expected: str = FSDD_DIGEST) -> None:
 # ----------------------------------------------------------------------------- downloads
 
 
-def _download(url: str, dest: Path) -> None:
-    """Stream ``url`` to ``dest`` atomically (temporary file in the same folder + os.replace)."""
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary file (or folder) beside ``dest``; when the block succeeds, move it onto ``dest``
+    in one step (os.replace), when it fails, delete it. Readers never see a half-written ``dest``; if
+    another process published the same folder first, theirs is kept."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=60) as response:
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.")) if folder else None
+    if tmp is None:
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        os.close(fd)
+        tmp = Path(name)
+    tmp.chmod(0o755 if folder else 0o644)  # mkdtemp / mkstemp make them private; the cache is shared
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        _remove(tmp)
+        if not (folder and dest.is_dir()):
+            raise
+
+
+def _download(url: str, dest: Path) -> None:
+    """Stream ``url`` to ``dest`` atomically, with a progress bar."""
+    with staged(dest) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with (
-            tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp,
-            tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar,
-        ):
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
             while block := response.read(_CHUNK):
-                tmp.write(block)
+                out.write(block)
                 bar.update(len(block))
-    os.replace(tmp.name, dest)
 
 
 def _download_any(urls: tuple[str, ...], dest: Path) -> None:
@@ -171,16 +196,13 @@ def fetch(remote: RemoteFile, roots: Iterable[Path] | None = None) -> Path:
 
 
 def _extract_recordings(archive: Path, dest: Path) -> None:
-    """Extract ``*/recordings/*.wav`` of the FSDD tarball into ``dest`` atomically (temp folder + rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".recordings."))
-    with tarfile.open(archive) as tar:
+    """Extract ``*/recordings/*.wav`` of the FSDD tarball into ``dest`` atomically."""
+    with staged(dest, folder=True) as tmp, tarfile.open(archive) as tar:
         for member in tar.getmembers():
             parent, name = os.path.split(member.name)
             if member.isfile() and parent.endswith("/recordings") and name.endswith(".wav"):
                 with tar.extractfile(member) as src, open(tmp / name, "wb") as out:
                     shutil.copyfileobj(src, out)
-    os.replace(tmp, dest)
 
 
 def fetch_fsdd(roots: Iterable[Path] | None = None, expected: str = FSDD_DIGEST) -> Path:

@@ -213,7 +213,24 @@ def test_failed_download_says_which_file_to_put_where(monkeypatch, tmp_path):
         sources.fetch(sources.MNIST_TEST_LABELS, roots=[])
     with pytest.raises(DownloadError, match=rf"recordings/ folder in {tmp_path}/fsdd/recordings"):
         sources.fetch_fsdd(roots=[])
-    assert not list(tmp_path.rglob("*.gz")), "a failed download must leave no file behind"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a failed download must leave no file behind"
+
+
+class BrokenResponse(FakeResponse):
+    """A connection that drops after the first block."""
+
+    def read(self, size: int = -1) -> bytes:
+        if self.tell():
+            raise OSError("connection reset")
+        return super().read(4)
+
+
+def test_download_dropped_midway_leaves_nothing_behind(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWRANK_DATA", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: BrokenResponse(b"0123456789"))
+    with pytest.raises(DownloadError, match="connection reset"):
+        sources.fetch(sources.MNIST_TEST_LABELS, roots=[])
+    assert list((tmp_path / "mnist").iterdir()) == []
 
 
 def test_download_lands_in_cache_and_is_verified(monkeypatch, tmp_path):
