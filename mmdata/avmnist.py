@@ -269,15 +269,16 @@ def _build_split(
     index: np.ndarray,
     images: np.ndarray,
     labels: np.ndarray,
-    pool: list[str],
+    takes: range,
     bank: RecordingBank,
     pca: tuple[torch.Tensor, torch.Tensor],
     snr_db: float | None,
     seeds: np.random.SeedSequence,
 ) -> None:
-    """Pair, transform and write one split (MultiBench layout + meta/{split}_recordings, _image_index)."""
+    """Pair images ``index`` with recordings of ``takes``, transform, and write the split (MultiBench
+    layout + meta/{split}_recordings.npy, meta/{split}_image_index.npy)."""
     pair_seed, noise_seed = seeds.generate_state(2)
-    paired = pair_recordings(labels[index], pool, np.random.default_rng(pair_seed))
+    paired = pair_recordings(labels[index], bank.pool(takes), np.random.default_rng(pair_seed))
     arrays = {
         f"image/{split}_data.npy": project_pca(_flat(images[index]), *pca).numpy(),
         f"audio/{split}_data.npy": bank.spectrograms(paired, snr_db, int(noise_seed)),
@@ -342,8 +343,8 @@ def build(
     split_seeds = np.random.SeedSequence(opts.seed).spawn(len(plan))
     with sources.staged(dest, folder=True) as tmp:
         for (split, index), seeds in zip(plan.items(), split_seeds, strict=True):
-            pool = bank.pool(variant.takes[split])
-            _build_split(tmp, split, index, images, labels, pool, bank, pca, opts.audio_snr, seeds)
+            takes = variant.takes[split]
+            _build_split(tmp, split, index, images, labels, takes, bank, pca, opts.audio_snr, seeds)
         meta = {
             "variant": variant.name,
             "options": asdict(opts),

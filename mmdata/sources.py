@@ -133,7 +133,19 @@ def verify_recordings(folder: Path, expected: str = FSDD_DIGEST) -> None:
 
 
 def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _temp_beside(dest: Path, folder: bool) -> Path:
+    """A new empty temporary file or folder in dest's folder (same file system, so os.replace is atomic)."""
+    if folder:
+        return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    return Path(name)
 
 
 @contextmanager
@@ -142,11 +154,7 @@ def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
     in one step (os.replace), when it fails, delete it. Readers never see a half-written ``dest``; if
     another process published the same folder first, theirs is kept."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.")) if folder else None
-    if tmp is None:
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        os.close(fd)
-        tmp = Path(name)
+    tmp = _temp_beside(dest, folder)
     tmp.chmod(0o755 if folder else 0o644)  # mkdtemp / mkstemp make them private; the cache is shared
     try:
         yield tmp

@@ -107,6 +107,11 @@ def load_split(folder: Path, split: str) -> dict[str, np.ndarray]:
     }
 
 
+def takes_of(folder: Path, split: str) -> set[int]:
+    """FSDD take indices of the recordings a built split uses."""
+    return {avmnist.parse_recording(n)[2] for n in avmnist.load_provenance(folder, split)["recordings"]}
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -335,8 +340,7 @@ def test_built_pairs_share_their_digit_and_no_recording_crosses_splits(built, ra
         digits = [avmnist.parse_recording(n)[0] for n in arrays["recordings"]]
         np.testing.assert_array_equal(arrays["labels"], digits)
         np.testing.assert_array_equal(arrays["labels"], mnist_labels[arrays["image_index"]])
-        takes = {avmnist.parse_recording(n)[2] for n in arrays["recordings"]}
-        assert takes <= set(avmnist.MINI_TAKES[split])
+        assert takes_of(built, split) <= set(avmnist.MINI_TAKES[split])
         seen[split] = set(arrays["recordings"])
     assert not (seen["train"] & seen["val"] or seen["train"] & seen["test"] or seen["val"] & seen["test"])
     all_images = np.concatenate([load_split(built, s)["image_index"] for s in avmnist.SPLITS])
@@ -363,6 +367,19 @@ def test_build_is_cached_by_options(built, raw_root):
     clean = avmnist.build(synthetic(raw), BuildOptions(audio_snr=None), root, cache)
     assert clean != built and "snrclean" in clean.name
     assert not [p for p in cache.rglob("*") if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_full_recipe_writes_train_and_test_and_carves_val(raw_root, tmp_path):
+    root, raw = raw_root
+    twice = RawSources(raw.images * 2, raw.labels * 2, raw.fsdd_digest)  # stands in for MNIST train + test
+    variant = dataclasses.replace(avmnist.VARIANTS["avmnist"], raw=twice)
+    folder = avmnist.build(variant, BuildOptions(), root, tmp_path)
+    assert not (folder / "val_labels.npy").exists()
+    test_rows = avmnist.load_provenance(folder, "test")["image_index"]
+    assert test_rows.tolist() == list(range(N_IMAGES, 2 * N_IMAGES))
+    assert takes_of(folder, "test") <= set(range(5)) and takes_of(folder, "train") <= set(range(5, 50))
+    sizes = [len(avmnist.load_multibench(folder, split)) for split in avmnist.SPLITS]
+    assert sizes == [55, 5, 60]
 
 
 def test_get_dataset_items(built):
