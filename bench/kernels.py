@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.timing import device_name, git_commit, peak_memory_mb, time_quantiles
+from bench.timing import device_name, git_commit, peak_memory_mb, time_interleaved
 from kernels.merge import merge_weight
 from lowrank import LoRALinear, LoRAQKVLinear
 
@@ -119,8 +119,10 @@ def qkv_providers(dim: int, rank: int, dtype: torch.dtype, device: torch.device)
     return {"qkv_fused": fused, "qkv_separate": lambda x: torch.cat([p(x) for p in separate], dim=-1)}
 
 
-def measure(name: str, fn: Callable, x: torch.Tensor, backward: bool, device: torch.device) -> dict:
-    def step():
+def training_step(fn: Callable, x: torch.Tensor, backward: bool) -> Callable[[], None]:
+    """fn(x) alone under no_grad (forward), or fn(x).sum().backward() (forward + backward)."""
+
+    def step() -> None:
         if backward:
             x.grad = None
             fn(x).sum().backward()
@@ -128,9 +130,17 @@ def measure(name: str, fn: Callable, x: torch.Tensor, backward: bool, device: to
             with torch.no_grad():
                 fn(x)
 
-    p20, p50, p80 = time_quantiles(step, device)
-    return {"provider": name, "mode": "fwd+bwd" if backward else "fwd", "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
-            "peak_mb": peak_memory_mb(step, device)}  # fmt: skip
+    return step
+
+
+def measure(providers: dict[str, Callable], x: torch.Tensor, backward: bool, device: torch.device) -> list[dict]:
+    steps = {name: training_step(fn, x, backward) for name, fn in providers.items()}
+    timings = time_interleaved(steps, device)
+    return [
+        {"provider": name, "mode": "fwd+bwd" if backward else "fwd", "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
+         "peak_mb": peak_memory_mb(steps[name], device)}
+        for name, (p20, p50, p80) in timings.items()
+    ]  # fmt: skip
 
 
 def run(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.device) -> list[dict]:
@@ -142,7 +152,7 @@ def run(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.device) ->
         if shape.in_features == shape.out_features:
             groups.append(qkv_providers(shape.in_features, shape.rank, dtype, device))
         for backward, providers in itertools.product((False, True), groups):
-            results = [measure(name, fn, x, backward, device) for name, fn in providers.items()]
+            results = measure(providers, x, backward, device)
             baseline = results[0]["ms_p50"]
             for result in results:
                 flops = shape.flops(backward) * (3 if result["provider"].startswith("qkv") else 1)

@@ -19,21 +19,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_quantiles(
-    fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20
-) -> tuple[float, float, float]:
-    """The 20/50/80 % quantiles of ``fn``'s wall time in milliseconds (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    ordered = torch.tensor(times).quantile(torch.tensor(QUANTILES, dtype=torch.float64).float())
-    return tuple(float(t) for t in ordered)
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 5, reps: int = 30
+) -> dict[str, tuple[float, float, float]]:
+    """name → the 20/50/80 % quantiles of its wall time in ms (device-synchronised).
+
+    Providers run round-robin within each repetition, so drift in clock speed or
+    background load hits all of them alike instead of whichever happened to run then.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(warmup + reps):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if rep >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    quantiles = torch.tensor(QUANTILES)
+    return {name: tuple(float(t) for t in torch.tensor(values).quantile(quantiles)) for name, values in times.items()}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
