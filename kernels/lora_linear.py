@@ -15,6 +15,10 @@ from a seed, never stored.
 Triton path: S, dS, dA, dB are rank-wide "skinny" GEMMs; Y and dX are one GEMM each
 with the rank-r expand in the epilogue (kernels/lowrank_matmul.py). Torch path (CPU):
 the same algebra with in-place addmm, no temporaries beyond S and dS.
+
+LoRAFunction also serves kernels/lora_qkv.py: there the output is split into equal
+segments (q, k, v), each with its own adapter slot (its r columns of S, its rows of B)
+or none; a plain LoRA linear is the one-segment case.
 """
 
 from __future__ import annotations
