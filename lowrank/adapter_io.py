@@ -20,7 +20,7 @@ from torch import nn
 
 from lowrank.config import LoRAConfig
 from lowrank.inject import add_lora
-from lowrank.io import atomic_write, state_dict_problems
+from lowrank.io import staged, state_dict_problems
 from lowrank.state import lora_layers, lora_state_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -36,8 +36,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     directory = Path(path)
     tensors = {name: tensor.contiguous() for name, tensor in lora_state_dict(model).items()}
     document = json.dumps({"format": FORMAT, "version": 1, "config": config.to_dict()}, indent=2)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(document, encoding="utf-8"))
+    with staged(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, tmp)
+    with staged(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(document, encoding="utf-8")
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:

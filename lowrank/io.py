@@ -1,10 +1,12 @@
-"""File helpers shared by adapters, encoder checkpoints and training: atomic writes and key checks."""
+"""File helpers shared by adapters, encoder checkpoints, data sets and training: atomic writes and key checks."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,21 +14,41 @@ import torch
 MAX_KEYS_SHOWN = 8  # per category in an error message: enough to recognise the architecture
 
 
-def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``target``, then rename it over ``target``.
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
-    A crash mid-write leaves the previous file (or none), never a truncated one.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
+
+def _temp_beside(dest: Path, folder: bool) -> Path:
+    """A new empty temporary file or folder in dest's folder (same file system, so os.replace is atomic)."""
+    if folder:
+        return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    return Path(name)
+
+
+@contextmanager
+def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary file (or folder) beside ``dest``; when the block succeeds, move it onto ``dest``
+    in one step (os.replace), when it fails, delete it. Readers never see a half-written ``dest``; if
+    another process published the same folder first, theirs is kept."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(dest, folder)
+    tmp.chmod(0o755 if folder else 0o644)  # mkdtemp / mkstemp make them private; the cache is shared
     try:
-        write(tmp)
-        os.replace(tmp, target)
+        yield tmp
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        _remove(tmp)
+        if not (folder and dest.is_dir()):
+            raise
 
 
 def state_dict_problems(

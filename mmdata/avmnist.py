@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from lowrank.io import staged
 from mmdata import sources
 from mmdata.sources import RemoteFile
 
@@ -341,7 +342,7 @@ def build(
     bank = RecordingBank.load(fsdd)
     pca = fit_pca(_flat(images[plan["train"]]), opts.energy_kept)
     split_seeds = np.random.SeedSequence(opts.seed).spawn(len(plan))
-    with sources.staged(dest, folder=True) as tmp:
+    with staged(dest, folder=True) as tmp:
         for (split, index), seeds in zip(plan.items(), split_seeds, strict=True):
             takes = variant.takes[split]
             _build_split(tmp, split, index, images, labels, takes, bank, pca, opts.audio_snr, seeds)

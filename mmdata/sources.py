@@ -19,16 +19,16 @@ import hashlib
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import wave
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from lowrank.io import staged
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FSDD_SAMPLE_RATE = 8000  # Hz; every FSDD recording is 8 kHz mono 16-bit PCM
@@ -130,43 +130,6 @@ def verify_recordings(folder: Path, expected: str = FSDD_DIGEST) -> None:
 
 
 # ----------------------------------------------------------------------------- downloads
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _temp_beside(dest: Path, folder: bool) -> Path:
-    """A new empty temporary file or folder in dest's folder (same file system, so os.replace is atomic)."""
-    if folder:
-        return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    return Path(name)
-
-
-@contextmanager
-def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary file (or folder) beside ``dest``; when the block succeeds, move it onto ``dest``
-    in one step (os.replace), when it fails, delete it. Readers never see a half-written ``dest``; if
-    another process published the same folder first, theirs is kept."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(dest, folder)
-    tmp.chmod(0o755 if folder else 0o644)  # mkdtemp / mkstemp make them private; the cache is shared
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        _remove(tmp)
-        if not (folder and dest.is_dir()):
-            raise
 
 
 def _download(url: str, dest: Path) -> None:

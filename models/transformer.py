@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank.io import atomic_write, state_dict_problems
+from lowrank.io import staged, state_dict_problems
 
 StateDict = dict[str, torch.Tensor]
 ConfigT = TypeVar("ConfigT", bound="EncoderConfig")
@@ -442,10 +442,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], StateDict]:
 
 def write_checkpoint(directory: Path, hf_config: dict[str, Any], state_dict: StateDict) -> None:
     """Write ``directory``/model.safetensors, then config.json, each via a temp file + os.replace."""
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
+    with staged(directory / WEIGHTS_NAME) as tmp:
+        save_file(state_dict, tmp, metadata={"format": "pt"})
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with staged(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- registry
