@@ -91,8 +91,11 @@ class Bert(TransformerEncoder):
         extra_tokens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        isolate_extra_tokens: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, T), extra_tokens (B, k, D), attention_mask (B, T) 1 = token, 0 = padding
         → (hidden (B, T + k, D), class feature (B, D))."""
-        hidden = self.forward_features(self.embed(x, token_type_ids), extra_tokens, attention_mask)
+        hidden = self.forward_features(
+            self.embed(x, token_type_ids), extra_tokens, attention_mask, isolate_extra_tokens
+        )
         return hidden, self.class_feature(hidden)

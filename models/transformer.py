@@ -122,7 +122,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D), mask (B, 1, 1, T) bool with True where a key may be attended → (B, T, D)."""
+        """x (B, T, D), mask (B|1, 1, 1|T, T) bool, True where a key may be attended (visibility_mask) → (B, T, D)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
@@ -162,7 +162,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D), mask (B, 1, 1, T) bool or None → (B, T, D)."""
+        """x (B, T, D), mask from visibility_mask or None → (B, T, D)."""
         if self.pre_norm:
             x = x + self.drop(self.attn(self.norm1(x), mask))
             return x + self.drop(self.mlp(self.norm2(x)))
@@ -170,17 +170,31 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
-def key_mask(attention_mask: torch.Tensor | None, num_tokens: int, num_extra: int) -> torch.Tensor | None:
-    """attention_mask (B, T), 1 = real token, 0 = padding → (B, 1, 1, T + k) bool, True = may be attended.
+def visibility_mask(
+    attention_mask: torch.Tensor | None, num_tokens: int, num_extra: int, isolate_extra: bool = False
+) -> torch.Tensor | None:
+    """Which keys each query may attend (True = visible), for T real tokens followed by k extra ones.
 
-    The k extra tokens appended after the real ones are always visible.
+    attention_mask (B, T): 1 = real token, 0 = padding (None: all real). Returns None when everything
+    is visible, else a bool mask that broadcasts over heads:
+      isolate_extra False → (B, 1, 1, T + k): padding hidden from every query, extra tokens visible to all;
+      isolate_extra True  → (B|1, 1, T + k, T + k): besides, extra token j is visible only to itself, so
+                            real tokens' outputs do not depend on the extra tokens (they only read).
     """
-    if attention_mask is None:
-        return None
-    if attention_mask.ndim != 2 or attention_mask.shape[1] != num_tokens:
+    if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[1] != num_tokens):
         raise ValueError(f"attention_mask must be (B, {num_tokens}), got {tuple(attention_mask.shape)}")
-    keep = F.pad(attention_mask.bool(), (0, num_extra), value=True)
-    return keep[:, None, None, :]
+    isolate = isolate_extra and num_extra > 0
+    if attention_mask is None and not isolate:
+        return None
+    real_keys = torch.ones(1, num_tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if not isolate:
+        return F.pad(real_keys, (0, num_extra), value=True)[:, None, None, :]
+    total = num_tokens + num_extra
+    extra_keys = torch.zeros(total, num_extra, dtype=torch.bool, device=real_keys.device)
+    extra_keys[num_tokens:] = torch.eye(num_extra, dtype=torch.bool, device=real_keys.device)  # self only
+    batch = real_keys.shape[0]
+    visible = torch.cat([real_keys[:, None, :].expand(batch, total, num_tokens), extra_keys.expand(batch, -1, -1)], -1)
+    return visible[:, None]  # (B|1, 1, T + k, T + k)
 
 
 def add_class_tokens(patches: torch.Tensor, class_tokens: list[nn.Parameter], pos_embed: nn.Parameter) -> torch.Tensor:
@@ -241,10 +255,15 @@ class TransformerEncoder(nn.Module):
         tokens: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        isolate_extra_tokens: bool = False,
     ) -> torch.Tensor:
-        """tokens (B, T, D), extra_tokens (B, k, D), attention_mask (B, T) → hidden states (B, T + k, D)."""
+        """tokens (B, T, D), extra_tokens (B, k, D), attention_mask (B, T) → hidden states (B, T + k, D).
+
+        isolate_extra_tokens: the extra tokens only read the sequence (see ``visibility_mask``)."""
         num_extra = 0 if extra_tokens is None else extra_tokens.shape[1]
-        mask = key_mask(attention_mask, tokens.shape[1], num_extra)
+        mask = visibility_mask(attention_mask, tokens.shape[1], num_extra, isolate_extra_tokens)
+        if mask is not None:
+            mask = mask.to(tokens.device)
         x = self.drop(tokens)
         if extra_tokens is not None:
             x = torch.cat([x, extra_tokens.to(x.dtype)], dim=1)
@@ -262,9 +281,10 @@ class TransformerEncoder(nn.Module):
         x: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        isolate_extra_tokens: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x → (hidden states (B, T + k, D), class feature (B, D)); extra tokens' outputs are hidden[:, T:]."""
-        hidden = self.forward_features(self.embed(x), extra_tokens, attention_mask)
+        hidden = self.forward_features(self.embed(x), extra_tokens, attention_mask, isolate_extra_tokens)
         return hidden, self.class_feature(hidden)
 
     def load_state_dict(

@@ -281,6 +281,22 @@ def test_extra_tokens_are_appended_without_position(name):
     assert max_diff(hidden[:, :tokens], plain) > 1e-3  # real tokens attend to them
 
 
+@pytest.mark.parametrize("name", ENCODERS)
+def test_isolated_extra_tokens_only_read_the_sequence(name):
+    model, x = tiny_encoder(name)
+    extra = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        plain, plain_feature = model(x)
+        hidden, feature = model(x, extra_tokens=extra, isolate_extra_tokens=True)
+        alone, _ = model(x, extra_tokens=extra[:, :1], isolate_extra_tokens=True)
+        visible, _ = model(x, extra_tokens=extra)
+    tokens = plain.shape[1]
+    assert max_diff(hidden[:, :tokens], plain) <= PARITY_ATOL  # real tokens never see the extra ones
+    assert max_diff(feature, plain_feature) <= PARITY_ATOL
+    assert max_diff(alone[:, tokens], hidden[:, tokens]) <= PARITY_ATOL  # nor do the extra ones see each other
+    assert max_diff(visible[:, :tokens], plain) > 1e-3  # without isolation they do
+
+
 def test_attention_mask_shape_is_checked():
     model, ids = tiny_encoder("bert")
     with pytest.raises(ValueError, match=r"attention_mask must be \(B, 7\)"):
