@@ -1,23 +1,31 @@
 """Test setup shared by the whole suite.
 
-``TRITON_INTERPRET=1`` must be set before anything imports triton, so that the
-Triton kernels run on the CPU. Tests that are not about kernels run on the torch
-backend by default (the interpreter is slow); kernel tests pick the backend
-explicitly with ``kernels.backend.use_backend``.
+Kernel tests run on ``LOWRANK_TEST_DEVICE`` (default ``cpu``; see tests/lora_checks.py).
+On the CPU, ``TRITON_INTERPRET=1`` is set before anything imports triton, so that the
+Triton kernels run through the interpreter; with ``LOWRANK_TEST_DEVICE=cuda`` it is left
+alone and the same tests run the compiled kernels on the GPU (the tests that are not
+about kernels stay on the CPU). Tests that are not about kernels run on the torch
+backend by default (the interpreter is slow); kernel tests pick the backend explicitly
+with ``kernels.backend.use_backend``.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 from hypothesis import settings
 
-from kernels.backend import use_backend
+ON_CPU = os.environ.get("LOWRANK_TEST_DEVICE", "cpu") == "cpu"
+if ON_CPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels.backend import use_backend  # noqa: E402  (only once TRITON_INTERPRET is settled)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)
-settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+# On a GPU every new shape compiles and autotunes the kernels (seconds each): fewer, fixed examples.
+settings.register_profile("gpu", derandomize=True, deadline=None, max_examples=6, print_blob=True)
+default_profile = "dev" if ON_CPU else "gpu"
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", default_profile))
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,14 @@ i.e. the error is measured against the tensor's scale, as fp32 accumulation prom
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
+
+# Where kernel tests put their tensors: the CPU (Triton kernels interpreted, see conftest.py)
+# unless LOWRANK_TEST_DEVICE names another device, e.g. ``cuda`` for the compiled kernels.
+DEVICE = torch.device(os.environ.get("LOWRANK_TEST_DEVICE", "cpu"))
 
 # dtype → relative tolerance (against the tensor's max magnitude). About 4 units in
 # the last place of the dtype: fp32 2⁻²³·K-ish accumulation noise, fp16 2⁻¹⁰, bf16 2⁻⁷.

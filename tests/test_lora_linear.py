@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_checks import check_against_reference
+from lora_checks import DEVICE, check_against_reference
 
 from kernels.backend import BACKENDS, use_backend
 from kernels.lora_linear import lora_linear, regenerate_mask
@@ -33,18 +33,19 @@ def lora_problems(draw):
     }
 
 
-def make_tensors(problem: dict, dtype: torch.dtype):
+def make_tensors(problem: dict, dtype: torch.dtype, device: torch.device = DEVICE):
     torch.manual_seed(problem["seed"] % 1000)
     *lead, in_features = problem["shape"]
     out_features, rank = problem["out_features"], problem["rank"]
+    like = {"dtype": dtype, "device": device}
     if problem["transposed_x"]:  # a non-contiguous view with the same logical shape
-        x = torch.randn(*lead[:-1], in_features, lead[-1], dtype=dtype).transpose(-1, -2)
+        x = torch.randn(*lead[:-1], in_features, lead[-1], **like).transpose(-1, -2)
     else:
-        x = torch.randn(*lead, in_features, dtype=dtype)
-    weight = torch.randn(out_features, in_features, dtype=dtype) / in_features**0.5
-    bias = torch.randn(out_features, dtype=dtype) if problem["bias"] else None
-    lora_a = torch.randn(rank, in_features, dtype=dtype) / in_features**0.5
-    lora_b = torch.randn(out_features, rank, dtype=dtype) / rank**0.5
+        x = torch.randn(*lead, in_features, **like)
+    weight = torch.randn(out_features, in_features, **like) / in_features**0.5
+    bias = torch.randn(out_features, **like) if problem["bias"] else None
+    lora_a = torch.randn(rank, in_features, **like) / in_features**0.5
+    lora_b = torch.randn(out_features, rank, **like) / rank**0.5
     return x.requires_grad_(), weight, bias, lora_a.requires_grad_(), lora_b.requires_grad_()
 
 
@@ -81,9 +82,9 @@ def test_trainable_bias_gets_its_gradient(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_is_seeded_and_keeps_one_minus_p(backend):
     with use_backend(backend):
-        first = regenerate_mask(200, 300, 0.3, seed=7, device=torch.device("cpu"))
-        again = regenerate_mask(200, 300, 0.3, seed=7, device=torch.device("cpu"))
-        other = regenerate_mask(200, 300, 0.3, seed=8, device=torch.device("cpu"))
+        first = regenerate_mask(200, 300, 0.3, seed=7, device=DEVICE)
+        again = regenerate_mask(200, 300, 0.3, seed=7, device=DEVICE)
+        other = regenerate_mask(200, 300, 0.3, seed=8, device=DEVICE)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert abs(first.mean().item() - 0.7) < 0.01  # 60k Bernoulli draws: std 0.0019
@@ -148,9 +149,11 @@ def test_empty_batch(backend):
 
 
 def _valid():
+    """Valid CPU inputs: argument checks run before any kernel, on any device."""
     return make_tensors(
         {"shape": (4, 8), "out_features": 6, "rank": 2, "transposed_x": False, "bias": True, "seed": 0},
         torch.float32,
+        torch.device("cpu"),
     )
 
 

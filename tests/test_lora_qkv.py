@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_checks import assert_close_scaled, check_against_reference
+from lora_checks import DEVICE, assert_close_scaled, check_against_reference
 
 from kernels.backend import BACKENDS, use_backend
 from kernels.lora_linear import lora_linear, regenerate_mask
@@ -21,12 +21,12 @@ SUBSETS = [combo for n in (1, 2, 3) for combo in itertools.combinations("qkv", n
 
 def make_qkv(tokens, in_features, width, rank, projections, dtype, seed, bias=True):
     torch.manual_seed(seed)
-    n = len(projections)
-    x = torch.randn(tokens, in_features, dtype=dtype, requires_grad=True)
-    weight = torch.randn(3 * width, in_features, dtype=dtype) / in_features**0.5
-    bias_ = torch.randn(3 * width, dtype=dtype) if bias else None
-    lora_a = (torch.randn(n * rank, in_features, dtype=dtype) / in_features**0.5).requires_grad_()
-    lora_b = (torch.randn(n * width, rank, dtype=dtype) / rank**0.5).requires_grad_()
+    n, like = len(projections), {"dtype": dtype, "device": DEVICE}
+    x = torch.randn(tokens, in_features, **like, requires_grad=True)
+    weight = torch.randn(3 * width, in_features, **like) / in_features**0.5
+    bias_ = torch.randn(3 * width, **like) if bias else None
+    lora_a = (torch.randn(n * rank, in_features, **like) / in_features**0.5).requires_grad_()
+    lora_b = (torch.randn(n * width, rank, **like) / rank**0.5).requires_grad_()
     return x, weight, bias_, lora_a, lora_b
 
 
@@ -44,7 +44,7 @@ def make_qkv(tokens, in_features, width, rank, projections, dtype, seed, bias=Tr
 def test_qkv_matches_reference(backend, dtype, projections, tokens, in_features, width, rank, dropout_p, seed):
     tensors = make_qkv(tokens, in_features, width, rank, projections, dtype, seed)
     with use_backend(backend):
-        mask = regenerate_mask(tokens, in_features, dropout_p, seed, torch.device("cpu")) if dropout_p else None
+        mask = regenerate_mask(tokens, in_features, dropout_p, seed, DEVICE) if dropout_p else None
         check_against_reference(
             lambda *t: lora_qkv(*t, 0.75, projections, dropout_p=dropout_p, training=True, seed=seed),
             lambda *t: lora_qkv_ref(*t, 0.75, projections, dropout_p=dropout_p, dropout_mask=mask),
@@ -70,7 +70,8 @@ def test_qkv_equals_three_separate_lora_linear_calls(backend, projections):
         parts = []
         for i, name in enumerate("qkv"):
             rows = slice(i * width, (i + 1) * width)
-            a, b = adapters.get(name, (torch.zeros(rank, in_features), torch.zeros(width, rank)))
+            unadapted = (torch.zeros(rank, in_features, device=DEVICE), torch.zeros(width, rank, device=DEVICE))
+            a, b = adapters.get(name, unadapted)
             parts.append(lora_linear(x_separate, weight[rows], bias[rows], a, b, 2.0))
         separate = torch.cat(parts, dim=-1)
         separate.sum().backward()
@@ -92,10 +93,10 @@ def test_projection_slots():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qkv_layer_zero_b_merge_unmerge(backend):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(20, 3 * 16, dtype=torch.bfloat16)
+    linear = torch.nn.Linear(20, 3 * 16, dtype=torch.bfloat16, device=DEVICE)
     original = linear.weight.detach().clone()
     layer = LoRAQKVLinear(linear, rank=4, scale=2.0, projections=("q", "v"))
-    x = torch.randn(2, 7, 20, dtype=torch.bfloat16)
+    x = torch.randn(2, 7, 20, dtype=torch.bfloat16, device=DEVICE)
     with use_backend(backend), torch.no_grad():
         assert_close_scaled(layer(x), linear(x), torch.bfloat16, "output with B = 0")  # the plain layer
         if backend == "torch":  # same addmm as F.linear, then + 0: bit for bit
