@@ -23,7 +23,7 @@ from models.transformer import (
     checkpoint_filter_fn,
     register_model,
 )
-from models.vit import PRE_NORM_LAYER
+from models.vit import MODULAR_PRE_NORM_LAYER, PRE_NORM_LAYER
 
 __all__ = ["AST", "ASTConfig", "ast_avmnist_small", "ast_avmnist_tiny", "checkpoint_export_fn", "checkpoint_filter_fn"]
 
@@ -58,6 +58,7 @@ class AST(TransformerEncoder):
         base_prefix="audio_spectrogram_transformer.",
         qkv="attention.attention",
         layer=PRE_NORM_LAYER,
+        modular=MODULAR_PRE_NORM_LAYER,
         top=(
             ("embeddings.cls_token", "cls_token"),
             ("embeddings.distillation_token", "dist_token"),

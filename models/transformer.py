@@ -324,6 +324,27 @@ class TransformerEncoder(nn.Module):
         hf_state = ours_to_hf(self.state_dict(), self.hf_layout, self.config.num_hidden_layers)
         write_checkpoint(Path(directory), self.config.to_hf_config(), hf_state)
 
+    def hf_module_paths(self) -> dict[str, dict[str, tuple[str, ...]]]:
+        """{naming: {our module path: its module path(s) in the ``transformers`` model}}, for peft adapters.
+
+        A fused projection maps to one path per row block: blocks.{i}.attn.qkv [3D, D] → (q, k, v) paths.
+        Namings, preferred first: "modular" is transformers 5 (ViTModel / ASTModel hold
+        ``layers.{i}.attention.q_proj``), "legacy" is transformers 4, the checkpoint keys'
+        (``encoder.layer.{i}.attention.attention.query``); BERT's two are the same. Only modules this
+        model has are listed. ``lowrank.export_peft`` / ``import_peft`` call this without knowing the encoders.
+        """
+        checkpoint = self.hf_layout.checkpoint_paths()
+        namings = {"modular": self.hf_layout.modular or checkpoint, "legacy": checkpoint}
+        modules = dict(self.named_modules())
+        return {
+            naming: {
+                mine: theirs
+                for mine, theirs in paths.module_map(self.hf_layout.top, self.config.num_hidden_layers).items()
+                if mine in modules
+            }
+            for naming, paths in namings.items()
+        }
+
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Raise CheckpointError naming missing (LoRA keys excepted), unexpected and mis-shaped keys."""
@@ -336,6 +357,24 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
 
 
 @dataclass(frozen=True)
+class HFModulePaths:
+    """Where a ``transformers`` model keeps one block's modules in memory: the paths peft adapter keys use."""
+
+    layers: str  # container of the blocks: block i is "{layers}.{i}"
+    qkv: tuple[str, str, str]  # the q, k, v projections inside a block (rows of our attn.qkv, in order)
+    layer: tuple[tuple[str, str], ...]  # (HF module, our module) for the block's other modules
+
+    def module_map(self, top: tuple[tuple[str, str], ...], num_layers: int) -> dict[str, tuple[str, ...]]:
+        """Our module path → HF module path(s); blocks.{i}.attn.qkv → its (q, k, v) paths, one per D rows."""
+        mapping = {mine: (theirs,) for theirs, mine in top}
+        for i in range(num_layers):
+            block = f"{self.layers}.{i}"
+            mapping[f"blocks.{i}.attn.qkv"] = tuple(f"{block}.{name}" for name in self.qkv)
+            mapping |= {f"blocks.{i}.{mine}": (f"{block}.{theirs}",) for theirs, mine in self.layer}
+        return mapping
+
+
+@dataclass(frozen=True)
 class HFLayout:
     """How Hugging Face names one encoder's tensors: (HF module, our module) name-prefix pairs."""
 
@@ -344,6 +383,11 @@ class HFLayout:
     layer: tuple[tuple[str, str], ...]  # inside encoder.layer.{i} ↔ blocks.{i}
     top: tuple[tuple[str, str], ...]  # outside the layers
     ignored: tuple[str, ...] = ()  # HF buffers without a counterpart here, e.g. "embeddings.position_ids"
+    modular: HFModulePaths | None = None  # transformers 5 module paths where they differ from the keys (ViT, AST)
+
+    def checkpoint_paths(self) -> HFModulePaths:
+        """Module paths as checkpoint keys name them, which is also transformers 4's in-memory layout."""
+        return HFModulePaths("encoder.layer", tuple(f"{self.qkv}.{name}" for name in QKV_NAMES), self.layer)
 
 
 QKV_NAMES = ("query", "key", "value")  # HF order = our row order in attn.qkv

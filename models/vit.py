@@ -15,6 +15,7 @@ from torch import nn
 from models.transformer import (
     EncoderConfig,
     HFLayout,
+    HFModulePaths,
     TransformerEncoder,
     add_class_tokens,
     build_encoder,
@@ -24,6 +25,7 @@ from models.transformer import (
 )
 
 __all__ = [
+    "MODULAR_PRE_NORM_LAYER",
     "PRE_NORM_LAYER",
     "ViT",
     "ViTConfig",
@@ -40,6 +42,18 @@ PRE_NORM_LAYER = (
     ("output.dense", "mlp.fc2"),
     ("layernorm_before", "norm1"),
     ("layernorm_after", "norm2"),
+)
+# The same modules in memory under transformers 5 (checkpoints keep the names above; peft adapters use these).
+MODULAR_PRE_NORM_LAYER = HFModulePaths(
+    layers="layers",
+    qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    layer=(
+        ("attention.o_proj", "attn.proj"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+        ("layernorm_before", "norm1"),
+        ("layernorm_after", "norm2"),
+    ),
 )
 
 
@@ -64,6 +78,7 @@ class ViT(TransformerEncoder):
         base_prefix="vit.",
         qkv="attention.attention",
         layer=PRE_NORM_LAYER,
+        modular=MODULAR_PRE_NORM_LAYER,
         top=(
             ("embeddings.cls_token", "cls_token"),
             ("embeddings.position_embeddings", "pos_embed"),
