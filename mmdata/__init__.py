@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 DATASETS: dict[str, str] = {
     "avmnist": "mmdata.avmnist:avmnist",
     "avmnist-mini": "mmdata.avmnist:avmnist_mini",
+    "synthetic": "mmdata.synthetic:synthetic",
 }
 
 

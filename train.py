@@ -1,0 +1,634 @@
+"""U2A: adapt pretrained unimodal encoders jointly with LoRA, robust to missing modalities (Mask Tokens).
+
+    python train.py --dataset avmnist-mini --rank 8             # offline AV-MNIST, ~8 min on 2 CPU cores
+    python train.py --dataset avmnist --data-dir DIR            # MultiBench AV-MNIST folder
+    python train.py --image-encoder CKPT --audio-encoder CKPT   # Hugging Face–format ViT / AST checkpoints
+    python train.py --resume runs/NAME                          # continue an interrupted run
+
+1. Pretrained encoders. Given with --{modality}-encoder, each is frozen and gets a linear head (its
+   unimodal model). Otherwise each encoder is first trained alone on its modality. Either way the
+   unimodal model is cached in --cache-dir under a key of everything it depends on, and reused.
+2. U2A. Every encoder is frozen and gets LoRA (rank r on --targets); the adapters, the fusion head and
+   one Mask Token per modality train jointly with AdamW (warm-up + cosine) on cross-entropy plus
+   --align-weight · alignment loss, with --missing-train-rate of the samples losing one modality.
+   The best epoch by validation accuracy is kept.
+3. Test on merged weights (checked against unmerged): complete data, then for each modality missing at
+   each --missing-test rate with every way of filling it in (models/multimodal.py) and with the
+   fallback to the unimodal model of the modality that remains.
+
+Outputs in runs/NAME/: config.json, metrics.jsonl, adapter.safetensors (adapters + head + tokens, with
+the encoders' sha256), state.pt (resume point), results.json, results.md, curves.png, missing.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from lowrank import LoRAConfig, add_lora, merge_lora, unmerge_lora
+from lowrank.io import staged, state_dict_problems
+from mmdata import get_dataset
+from models import TransformerEncoder, create_model
+from models.multimodal import MISSING_FILLS, MultimodalClassifier, UnimodalClassifier, alignment_loss
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A config field with its command-line help (and a parser for tuple-valued options)."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = option("avmnist-mini", "data set name (mmdata.DATASETS)")
+    data_dir: str | None = option(None, "prepared data folder (AV-MNIST: MultiBench layout); default: build it")
+    image_model: str = option("vit_avmnist_tiny", "encoder architecture for images (models registry)")
+    audio_model: str = option("ast_avmnist_tiny", "encoder architecture for audio (models registry)")
+    image_encoder: str | None = option(None, "pretrained image encoder, HF layout; default: train one")
+    audio_encoder: str | None = option(None, "pretrained audio encoder, HF layout; default: train one")
+    unimodal_epochs: int = option(12, "epochs of each unimodal model (stage 1)")
+    unimodal_lr: float = option(1e-3, "peak learning rate of stage 1")
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
+    targets: tuple[str, ...] = option(("q", "v"), "adapted projections: q,k,v,o,mlp or all", names)
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch input")
+    epochs: int = option(10, "epochs of joint U2A training")
+    lr: float = option(2e-3, "peak learning rate of U2A")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup: float = option(0.05, "share of steps spent on the linear warm-up")
+    batch_size: int = option(64, "batch size")
+    missing_train_rate: float = option(0.3, "share of training samples that lose one modality (at random)")
+    align_weight: float = option(0.2, "weight λ of the Mask Token alignment loss")
+    mask_tokens_visible: bool = option(False, "let the present modality's tokens attend to the Mask Token")
+    missing_test: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "test missing rates", floats)
+    seed: int = option(0, "seed of initialisation, data order and modality dropout")
+    device: str = option("auto", "cpu, cuda, cuda:N; auto picks CUDA when available")
+    name: str | None = option(None, "run name; default u2a-DATASET-rRANK-sSEED")
+    out_dir: str = option("runs", "folder of the run folders")
+    cache_dir: str = option("runs/cache", "folder of the cached unimodal models")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rank must be a positive integer": self.rank > 0,
+            "epochs and unimodal_epochs must be ≥ 0": min(self.epochs, self.unimodal_epochs) >= 0,
+            "batch_size must be positive": self.batch_size > 0,
+            "missing_train_rate must be in [0, 1]": 0 <= self.missing_train_rate <= 1,
+            "missing_test rates must be in [0, 1]": all(0 <= p <= 1 for p in self.missing_test),
+            "warmup must be in [0, 1)": 0 <= self.warmup < 1,
+        }
+        problems = [message for message, ok in checks.items() if not ok]
+        if problems:
+            raise ValueError("bad config: " + "; ".join(problems))
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"u2a-{self.dataset}-r{self.rank}-s{self.seed}"
+
+    def model_for(self, modality: str) -> tuple[str, str | None]:
+        """(architecture name, pretrained checkpoint or None) of ``modality``'s encoder."""
+        if not hasattr(self, f"{modality}_model"):
+            raise ValueError(f"no encoder option for modality {modality!r} (expected --{modality}-model)")
+        return getattr(self, f"{modality}_model"), getattr(self, f"{modality}_encoder")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        values = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:
+    """TrainConfig from the command line (every field is an option), and --resume's run folder."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resume", type=Path, help="run folder to continue; its config.json is used")
+    for f in dataclasses.fields(TrainConfig):
+        flag, parse = "--" + f.name.replace("_", "-"), f.metadata["parse"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = parse or (str if f.default is None else type(f.default))
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    if resume is not None:
+        if args != {f.name: f.default for f in dataclasses.fields(TrainConfig)}:
+            parser.error("--resume takes the run's own config.json; give no other options")
+        return TrainConfig.from_json(read_text(resume / "config.json")), resume
+    return TrainConfig(**args), None
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return path.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...], int]:
+    """({split: data set}, modalities, number of classes)."""
+    splits = {split: get_dataset(config.dataset, split, config.data_dir) for split in ("train", "val", "test")}
+    first = splits["train"][0]
+    modalities = tuple(k for k in first if k != "label")
+    labels = torch.as_tensor([int(splits["train"][i]["label"]) for i in range(len(splits["train"]))])
+    return splits, modalities, int(labels.max()) + 1
+
+
+def batches(data: Dataset, config: TrainConfig, generator: torch.Generator | None = None) -> DataLoader:
+    """Shuffled (with ``generator``) training batches, or ordered evaluation batches."""
+    return DataLoader(data, config.batch_size, shuffle=generator is not None, generator=generator)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def drop_modalities(batch: int, modalities: int, rate: float) -> torch.Tensor:
+    """(B, M) bool: each sample loses one modality, chosen uniformly, with probability ``rate``."""
+    hit = torch.rand(batch) < rate
+    which = torch.randint(modalities, (batch,))
+    return F.one_hot(which, modalities).bool() & hit[:, None]
+
+
+def missing_mask(size: int, modalities: int, modality: int, rate: float, seed: int) -> torch.Tensor:
+    """(N, M) bool: ``modality`` missing in round(rate · N) samples, drawn with ``seed``."""
+    chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[: round(rate * size)]
+    mask = torch.zeros(size, modalities, dtype=torch.bool)
+    mask[chosen, modality] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to zero."""
+    warm = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes: adapters, head, tokens (frozen encoders left out)."""
+    return {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f} %)"
+
+
+Logits = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]  # (batch, missing rows) → (B, C)
+
+
+@torch.no_grad()
+def predict(
+    model: Logits, data: Dataset, config: TrainConfig, device: torch.device, missing: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (N, C) of ``model`` over ``data`` in order; ``missing`` (N, M) is handed out batch by batch."""
+    logits, start = [], 0
+    for batch in batches(data, config):
+        rows = None if missing is None else missing[start : start + len(batch["label"])].to(device)
+        logits.append(model(to_device(batch, device), rows).float().cpu())
+        start += len(batch["label"])
+    return torch.cat(logits)
+
+
+def labels_of(data: Dataset, config: TrainConfig) -> torch.Tensor:
+    return torch.cat([batch["label"] for batch in batches(data, config)])
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    evaluate: Callable[[], float],
+    data: Dataset,
+    config: TrainConfig,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    metrics: Path | None = None,
+    describe: str = "train",
+) -> list[dict[str, float]]:
+    """Train ``model``'s trainable parameters to minimise ``loss_fn(batch)`` with AdamW + warm-up/cosine;
+    after each epoch, ``evaluate()`` gives the validation accuracy and the best epoch's trainable
+    parameters are restored at the end. With ``checkpoint``, the state after every epoch is written
+    there (atomically) and training resumes from it if it exists; with ``metrics``, one JSON line per
+    epoch is written there. Returns one metrics dict per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    loader_generator = torch.Generator().manual_seed(config.seed)
+    loader = batches(data, config, loader_generator)
+    scheduler = cosine_schedule(optimizer, epochs * len(loader), config.warmup)
+    history: list[dict[str, float]] = []
+    best = (-1.0, trainable_state(model))
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader_generator.set_state(state["loader_rng"])
+        set_rng_state(state["rng"])
+        history, best = state["history"], (state["best_accuracy"], state["best"])
+        print(f"{describe}: resumed from {checkpoint} after epoch {len(history)}")
+    for epoch in range(len(history), epochs):
+        model.train()
+        start, losses = time.perf_counter(), []
+        for batch in tqdm(loader, desc=f"{describe} epoch {epoch + 1}/{epochs}", leave=False, mininterval=5):
+            loss = loss_fn(to_device(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        model.eval()
+        val = evaluate()
+        history.append(
+            dict(epoch=epoch + 1, loss=float(np.mean(losses)), val_accuracy=val, seconds=time.perf_counter() - start)
+        )
+        if val > best[0]:
+            best = (val, trainable_state(model))
+        print(f"{describe} epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}  val accuracy {val:.4f}")
+        if checkpoint is not None:
+            state = dict(
+                trainable=trainable_state(model),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                loader_rng=loader_generator.get_state(),
+                rng=get_rng_state(),
+                history=history,
+                best_accuracy=best[0],
+                best=best[1],
+            )
+            with staged(checkpoint) as tmp:
+                torch.save(state, tmp)
+        if metrics is not None:
+            with staged(metrics) as tmp:
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    model.load_state_dict(best[1], strict=False)
+    return history
+
+
+def get_rng_state() -> dict[str, Any]:
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def encoder_checkpoint_file(path: str) -> Path:
+    """The model.safetensors of an HF-layout checkpoint given as a folder or as the file itself."""
+    p = Path(path)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def unimodal_cache_key(config: TrainConfig, modality: str) -> str:
+    """Hash of everything a unimodal model depends on: data, architecture, checkpoint, schedule, seed."""
+    model, checkpoint = config.model_for(modality)
+    facts = dict(
+        dataset=config.dataset, data_dir=config.data_dir, modality=modality, model=model,
+        checkpoint=None if checkpoint is None else sha256(encoder_checkpoint_file(checkpoint)),
+        epochs=config.unimodal_epochs, lr=config.unimodal_lr, batch_size=config.batch_size,
+        weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed,
+    )  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def unimodal_model(
+    config: TrainConfig, modality: str, splits: dict[str, Dataset], num_classes: int, device: torch.device
+) -> tuple[UnimodalClassifier, dict[str, Any]]:
+    """Stage 1: ``modality``'s unimodal model and its record (accuracies, checkpoint hash), cached.
+
+    A given pretrained encoder is frozen and only the head trains; otherwise the whole model trains.
+    The cache folder holds the encoder (HF layout), head.safetensors and record.json.
+    """
+    name, pretrained = config.model_for(modality)
+    folder = Path(config.cache_dir) / f"unimodal-{modality}-{name}-{unimodal_cache_key(config, modality)}"
+    encoder_class = type(create_model(name))
+    if (folder / "record.json").is_file():
+        model = UnimodalClassifier(encoder_class.from_pretrained(folder / "encoder"), num_classes)
+        model.head.load_state_dict(load_file(folder / "head.safetensors"))
+        record = json.loads(read_text(folder / "record.json"))
+        print(f"stage 1 [{modality}]: cached unimodal model {folder} (test accuracy {record['test_accuracy']:.4f})")
+        return model.to(device).eval(), record
+    seed_everything(config.seed)
+    encoder = create_model(name) if pretrained is None else encoder_class.from_pretrained(pretrained)
+    model = UnimodalClassifier(encoder, num_classes).to(device)
+    if pretrained is not None:
+        model.encoder.requires_grad_(False)
+    how = "training it from scratch" if pretrained is None else f"linear probe on the frozen {pretrained}"
+    print(f"stage 1 [{modality}]: no cached unimodal model; {how} ({count_parameters(model)})")
+    labels = {split: labels_of(data, config) for split, data in splits.items()}
+
+    def logits_of(split: str) -> torch.Tensor:
+        return predict(lambda batch, _: model(batch[modality]), splits[split], config, device)
+
+    history = fit(
+        model,
+        lambda batch: F.cross_entropy(model(batch[modality]), batch["label"]),
+        lambda: accuracy(logits_of("val"), labels["val"]),
+        splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device, describe=f"stage 1 [{modality}]",
+    )  # fmt: skip
+    record = dict(modality=modality, model=name, pretrained=pretrained, history=history)
+    record |= {f"{split}_accuracy": accuracy(logits_of(split), labels[split]) for split in ("val", "test")}
+    with staged(folder, folder=True) as tmp:
+        model.encoder.save_pretrained(tmp / "encoder")
+        save_file(trainable_state(model.head), tmp / "head.safetensors")
+        record["encoder_sha256"] = sha256(tmp / "encoder" / "model.safetensors")
+        (tmp / "record.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"stage 1 [{modality}]: test accuracy {record['test_accuracy']:.4f}; cached in {folder}")
+    return model.eval(), record
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def u2a_model(
+    config: TrainConfig, unimodal: dict[str, UnimodalClassifier], num_classes: int, device: torch.device
+) -> MultimodalClassifier:
+    """Copies of the unimodal encoders, frozen, with LoRA; a new fusion head and Mask Tokens."""
+    seed_everything(config.seed)
+    encoders: dict[str, TransformerEncoder] = {m: copy.deepcopy(u.encoder) for m, u in unimodal.items()}
+    model = MultimodalClassifier(encoders, num_classes, config.mask_tokens_visible)
+    lora = LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=config.targets)
+    for encoder in model.encoders.values():
+        add_lora(encoder, lora)
+    return model.to(device)
+
+
+def u2a_loss(model: MultimodalClassifier, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy with modality dropout + align_weight · alignment loss of the Mask Tokens."""
+    labels = batch["label"]
+    missing = drop_modalities(len(labels), len(model.modalities), config.missing_train_rate).to(labels.device)
+    output = model({m: batch[m] for m in model.modalities}, missing)
+    return F.cross_entropy(output.logits, labels) + config.align_weight * alignment_loss(output)
+
+
+def fused(model: MultimodalClassifier, fill: str = "mask-token") -> Logits:
+    return lambda batch, missing: model({m: batch[m] for m in model.modalities}, missing, fill).logits
+
+
+def save_adapter_checkpoint(model: MultimodalClassifier, path: Path, config: TrainConfig, records: dict) -> None:
+    """adapters + head + Mask Tokens (safetensors), with the config and the encoders' sha256 as metadata."""
+    metadata = {
+        "config": config.to_json(),
+        "encoder_sha256": json.dumps({m: record["encoder_sha256"] for m, record in records.items()}),
+    }
+    with staged(path) as tmp:
+        save_file(trainable_state(model), tmp, metadata=metadata)
+
+
+def load_adapter_checkpoint(model: MultimodalClassifier, path: Path) -> None:
+    tensors = load_file(path)
+    problems = state_dict_problems(trainable_state(model), tensors)
+    if problems:
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------- test
+
+
+FALLBACK = "unimodal"  # missing modality handled by the unimodal model(s) of the modalities that remain
+
+
+@torch.no_grad()
+def test_u2a(
+    model: MultimodalClassifier,
+    unimodal: dict[str, UnimodalClassifier],
+    data: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Test accuracies: complete; and per modality × missing rate × fill (MISSING_FILLS + FALLBACK),
+    on merged weights. The same missing samples are used for every fill."""
+    model.eval()
+    labels = labels_of(data, config)
+    unmerged = predict(fused(model), data, config, device)
+    for encoder in model.encoders.values():
+        merge_lora(encoder)
+    try:
+        complete = predict(fused(model), data, config, device)
+        merge_check = dict(
+            agree=int((complete.argmax(1) == unmerged.argmax(1)).sum()),
+            total=len(labels),
+            max_abs_logit_diff=(complete - unmerged).abs().max().item(),
+        )
+        unimodal_probs = {
+            m: predict(lambda batch, _, u=u, m=m: u(batch[m]), data, config, device).softmax(1)
+            for m, u in unimodal.items()
+        }
+        missing_results: dict[str, dict[str, list[float]]] = {}
+        for i, modality in enumerate(model.modalities):
+            missing_results[modality] = {fill: [] for fill in (*MISSING_FILLS, FALLBACK)}
+            for rate in config.missing_test:
+                missing = missing_mask(len(labels), len(model.modalities), i, rate, seed=config.seed + 1)
+                for fill in MISSING_FILLS:
+                    logits = predict(fused(model, fill), data, config, device, missing)
+                    missing_results[modality][fill].append(accuracy(logits, labels))
+                fallback = fallback_probabilities(complete.softmax(1), unimodal_probs, missing, model.modalities)
+                missing_results[modality][FALLBACK].append(accuracy(fallback, labels))
+    finally:
+        for encoder in model.encoders.values():
+            unmerge_lora(encoder)
+    return dict(
+        unimodal={m: accuracy(p, labels) for m, p in unimodal_probs.items()},
+        complete=accuracy(complete, labels),
+        merge_check=merge_check,
+        missing_rates=list(config.missing_test),
+        missing=missing_results,
+    )
+
+
+def fallback_probabilities(
+    complete: torch.Tensor, unimodal: dict[str, torch.Tensor], missing: torch.Tensor, modalities: tuple[str, ...]
+) -> torch.Tensor:
+    """(N, C): the multimodal model's probabilities where nothing is missing; elsewhere the mean of
+    the unimodal models' probabilities over the modalities present."""
+    present = (~missing).float()  # (N, M)
+    stacked = torch.stack([unimodal[m] for m in modalities], 1)  # (N, M, C)
+    remaining = (present[:, :, None] * stacked).sum(1) / present.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(missing.any(1, keepdim=True), remaining, complete)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}"
+
+
+def results_table(results: dict[str, Any], config: TrainConfig) -> str:
+    """results.md: unimodal and U2A accuracies, then accuracy vs missing rate per modality and fill."""
+    lines = [
+        f"# U2A on {config.dataset} (seed {config.seed}, rank {config.rank}, targets {','.join(config.targets)})",
+        "",
+        "| model | test accuracy (%) |",
+        "|---|---|",
+        *(f"| unimodal {m} | {pct(acc)} |" for m, acc in results["unimodal"].items()),
+        f"| U2A, complete | {pct(results['complete'])} |",
+        "",
+        "Accuracy (%) with one modality missing in a share of the test samples:",
+        "",
+        "| missing | handled by | " + " | ".join(f"{rate:g}" for rate in results["missing_rates"]) + " |",
+        "|---|---|" + "---|" * len(results["missing_rates"]),
+    ]
+    for modality, by_fill in results["missing"].items():
+        lines += [f"| {modality} | {fill} | " + " | ".join(map(pct, accs)) + " |" for fill, accs in by_fill.items()]
+    check = results["merge_check"]
+    lines += [
+        "",
+        f"Merged and unmerged weights agree on {check['agree']}/{check['total']} test predictions "
+        f"(max |Δlogit| {check['max_abs_logit_diff']:.2e}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(history: list[dict[str, float]], records: dict[str, dict], results: dict[str, Any], run_dir: Path) -> None:
+    """curves.png (loss and validation accuracy per epoch) and missing.png (accuracy vs missing rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    runs = {"U2A": history, **{f"unimodal {m}": r["history"] for m, r in records.items()}}
+    for label, rows in runs.items():
+        epochs = [row["epoch"] for row in rows]
+        loss_ax.plot(epochs, [row["loss"] for row in rows], marker="o", label=label)
+        acc_ax.plot(epochs, [row["val_accuracy"] for row in rows], marker="o", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="training loss")
+    acc_ax.set(xlabel="epoch", ylabel="validation accuracy")
+    acc_ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+    modalities = list(results["missing"])
+    fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 4), squeeze=False)
+    for ax, modality in zip(axes[0], modalities, strict=True):
+        for fill, accs in results["missing"][modality].items():
+            ax.plot(results["missing_rates"], accs, marker="o", label=fill)
+        ax.set(title=f"{modality} missing", xlabel="missing rate", ylabel="test accuracy")
+    axes[0, 0].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "missing.png", dpi=100)
+    plt.close(fig)
+
+
+def write_text(path: Path, text: str) -> None:
+    with staged(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config, resume = parse_args(argv)
+    run_dir = resume or Path(config.out_dir) / config.run_name
+    if resume is None and run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists: continue it with --resume {run_dir}, or pick another --name")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
+    print(f"{config}\nrun folder {run_dir}, device {device}")
+    write_text(run_dir / "config.json", config.to_json())
+
+    splits, modalities, num_classes = load_splits(config)
+    print(f"{config.dataset}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; modalities {modalities}")
+    unimodal, records = {}, {}
+    for modality in modalities:
+        unimodal[modality], records[modality] = unimodal_model(config, modality, splits, num_classes, device)
+
+    model = u2a_model(config, unimodal, num_classes, device)
+    print(f"U2A: {count_parameters(model)}")
+    val_labels = labels_of(splits["val"], config)
+    history = fit(
+        model,
+        lambda batch: u2a_loss(model, batch, config),
+        lambda: accuracy(predict(fused(model), splits["val"], config, device), val_labels),
+        splits["train"], config, config.epochs, config.lr, device,
+        checkpoint=run_dir / "state.pt", metrics=run_dir / "metrics.jsonl", describe="U2A",
+    )  # fmt: skip
+    save_adapter_checkpoint(model, run_dir / "adapter.safetensors", config, records)
+
+    results = test_u2a(model, unimodal, splits["test"], config, device)
+    check = results["merge_check"]
+    print(f"evaluated on merged weights: merged and unmerged predictions agree on {check['agree']}/{check['total']}")
+    table = results_table(results, config)
+    write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(run_dir / "results.md", table)
+    plot(history, records, results, run_dir)
+    print(table + f"\nwrote {run_dir}/: results.md, results.json, metrics.jsonl, adapter.safetensors, *.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
