@@ -1,44 +1,88 @@
-"""python -m bench kernels [--full] [--dtype float32 bfloat16] [--device cuda] [--out results/]
+"""python -m bench {kernels,train,report} — see bench/README.md.
 
-Writes results/bench_kernels.csv (appended, with device and commit) and a PNG of the
-median-time ratios to the frozen-base floor.
+    python -m bench kernels [--quick] [--dims 384 768 1024] [--tokens 1576 4096] [--ranks 8 16 64]
+                            [--dtype float32 bfloat16] [--device cuda] [--out bench/results] [--plot]
+    python -m bench train   [--quick] [--dtype ...] [--device ...] [--out ...] [--plot]
+    python -m bench report  bench/results/<file>.csv ...
+
+kernels/train append rows to ``<out>/<device>-<UTC date>-<suite>.csv``, print the markdown
+tables and the targets met or missed; ``--plot`` also writes a PNG beside the CSV.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 import torch
 
-from bench.kernels import QUICK_SHAPES, full_shapes, run
-from bench.plot import plot_ratios
-from bench.timing import append_rows
+from bench import kernels, report, train
+from bench.memory import use_fixed_mmap_threshold
+from bench.plot import plot_kernels, plot_train
+from bench.results import RESULTS, append_rows, provenance, results_path
+
+# CPU repetitions (CUDA: do_bench's own): full runs, and --quick (under a minute on 2 cores).
+CPU_TIMER = {"warmup": 3, "reps": 15}
+QUICK_TIMER = {"warmup": 1, "reps": 3}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("suite", choices=["kernels", "train", "report"])
+    parser.add_argument("csv", nargs="*", type=Path, help="report: CSV files to tabulate")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes / small models, few repetitions")
+    parser.add_argument("--dims", nargs="+", type=int, default=[384, 768, 1024], help="kernels: D (MLP: D → 4D)")
+    parser.add_argument("--tokens", nargs="+", type=int, default=[197 * 8, 4096], help="kernels: M")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 64], help="kernels: r")
+    parser.add_argument("--dtype", nargs="+", default=None, help="default: float32 on CPU, bfloat16 float32 on CUDA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None, help="CPU timed repetitions (default 15, --quick 3)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the CSV (and PNG)")
+    parser.add_argument("--plot", action="store_true", help="also write a PNG bar chart beside the CSV")
+    return parser.parse_args()
+
+
+def summary(suite: str, rows: list[dict]) -> str:
+    """Markdown tables and target lines for rows of one suite."""
+    if suite == "train":
+        return report.train_table(rows) + "\n\n" + report.train_targets(rows)
+    cuda = not rows[0]["device"].startswith("CPU")
+    tables = [report.kernel_table(rows, group) for group in ("linear", "qkv") if any(r["group"] == group for r in rows)]
+    return "\n\n".join([*tables, report.kernel_targets(rows, cuda)])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suite", choices=["kernels"])
-    parser.add_argument("--full", action="store_true", help="the full shape grid (default: two ViT-B shapes)")
-    parser.add_argument("--dtype", nargs="+", default=None, help="default: float32 on CPU, float32 bfloat16 on CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("results"))
-    args = parser.parse_args()
+    args = parse_args()
+    if args.suite == "report":
+        for path in args.csv:
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            suite = "train" if "method" in rows[0] else "kernels"
+            print(f"## {path.name}: {rows[0]['device']}, torch {rows[0]['torch']}, commit {rows[0]['commit']}\n")
+            print(summary(suite, rows) + "\n")
+        return
 
     device = torch.device(args.device)
     dtypes = [
         getattr(torch, name)
-        for name in (args.dtype or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"]))
+        for name in args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     ]
-    rows = run(full_shapes() if args.full else QUICK_SHAPES, dtypes, device)
-    csv_path = args.out / "bench_kernels.csv"
-    append_rows(csv_path, rows)
-    for row in rows:
-        print(
-            f"{row['dtype']:>8} M={row['M']:<5} K={row['K']:<5} N={row['N']:<5} r={row['r']:<3} {row['mode']:<7} "
-            f"{row['provider']:<13} {row['ms_p50']:9.3f} ms  x{row['ratio']:.2f}  {row['tflops']:.2f} TFLOP/s"
-        )
-    print(f"wrote {csv_path} and {plot_ratios(rows, args.out / 'bench_kernels.png')}")
+    timer = dict(QUICK_TIMER if args.quick else CPU_TIMER) | ({"reps": args.reps} if args.reps else {})
+    use_fixed_mmap_threshold()  # CPU peak memory: see bench/memory.py
+    if args.suite == "kernels":
+        shapes = kernels.QUICK_SHAPES if args.quick else kernels.full_shapes(args.dims, args.tokens, args.ranks)
+        rows = kernels.run(shapes, dtypes, device, timer)
+    else:
+        rows = train.run(dtypes, device, quick=args.quick, timer=timer)
+    context = provenance(device)
+    rows = [context | row for row in rows]
+    path = append_rows(results_path(args.out, device, args.suite), rows)
+    print(summary(args.suite, rows))
+    print(f"\nwrote {path}")
+    if args.plot:
+        plot = plot_kernels if args.suite == "kernels" else plot_train
+        print(f"wrote {plot(rows, path.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

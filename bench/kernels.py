@@ -1,13 +1,20 @@
-"""LoRA linear and fused-QKV microbenchmarks: every provider on the same weights, one run.
+"""LoRA linear and fused-QKV microbenchmarks: every provider on the same weights, in one run.
 
-Providers for a LoRA linear Y = X Wᵀ + b + s · (X Aᵀ) Bᵀ:
-    floor      F.linear with the frozen base weight (no adapter: the lower bound)
+A LoRA linear Y = X Wᵀ + b + s · (X Aᵀ) Bᵀ, X [M, K], W [N, K], A [r, K], B [N, r], computed by
+    floor      F.linear with the frozen base weight, no adapter (the lower bound)
     lowrank    our fused op (Triton on CUDA, the torch path on CPU)
-    merged     our merged weight: one plain GEMM
+    merged     our merged weight W + s · B A: one plain GEMM (inference only)
     naive      eager PyTorch, three matmuls + add, autograd-derived backward
     compiled   torch.compile of the naive version
     peft       peft's LoRA Linear (when the ``ref`` extra is installed)
-For the attention projection: fused LoRAQKVLinear vs three separate LoRALinear (q, k, v).
+and, for the attention projection (K = D, 3 outputs of width D, LoRA on q, k and v),
+    qkv_floor F.linear with the frozen W_qkv [3D, D]; qkv_fused our LoRAQKVLinear (one kernel);
+    qkv_separate three separate LoRALinear (q, k, v) and a concatenation.
+
+Modes: ``fwd`` (inference, no autograd) and ``fwd+bwd`` (forward, then the gradients of
+X and of the adapters for a random dY; W frozen). FLOPs per GEMM pass: base 2MKN, LoRA
+2Mr(aK + N) for a adapters sharing X (a = 3 for q, k, v); fwd is one pass, fwd+bwd two
+base passes (Y, dX) and three LoRA passes (S and the expand; dS and dS A; dA and dB).
 """
 
 from __future__ import annotations
@@ -21,63 +28,103 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.timing import device_name, git_commit, peak_memory_mb, time_interleaved
+from bench.memory import peak_memory_mb
+from bench.timing import time_steps
 from kernels.merge import merge_weight
 from lowrank import LoRALinear, LoRAQKVLinear
+
+MODES = ("fwd", "fwd+bwd")
+# GEMM passes per mode: (base, LoRA), see the module docstring.
+PASSES = {"fwd": (1, 1), "fwd+bwd": (2, 3)}
+SCALE = 2.0  # s = alpha / r; any value times the same work
 
 
 @dataclass(frozen=True)
 class Shape:
+    """One benchmarked problem: X [tokens, in_features] through ``adapters`` LoRA adapters of rank ``rank``."""
+
     tokens: int  # M (batch × sequence)
     in_features: int  # K
-    out_features: int  # N
-    rank: int  # r
+    out_features: int  # N (3D for the qkv projection)
+    rank: int  # r, per adapter
+    adapters: int = 1  # a: 1 for a linear, 3 for q, k, v
 
-    def flops(self, backward: bool) -> float:
-        """Matmul FLOPs of one LoRA linear: base 2MKN + shrink 2MKr + expand 2MNr (backward ≈ 2× more)."""
-        forward = (
-            2
-            * self.tokens
-            * (self.in_features * self.out_features + self.rank * (self.in_features + self.out_features))
-        )
-        return forward * (3 if backward else 1)
+    def flops(self, mode: str, adapted: bool) -> float:
+        """Matmul FLOPs of one call in ``mode``; only the base GEMMs when not ``adapted``."""
+        base_passes, lora_passes = PASSES[mode]
+        m, k, n, r = self.tokens, self.in_features, self.out_features, self.rank
+        return base_passes * 2 * m * k * n + adapted * lora_passes * 2 * m * r * (self.adapters * k + n)
+
+    def lora_share(self, mode: str) -> float:
+        """LoRA FLOPs over base FLOPs: r(aK + N)/(KN) per pass, times LoRA passes / base passes."""
+        return self.flops(mode, adapted=True) / self.flops(mode, adapted=False) - 1
+
+    def bytes_moved(self, mode: str, adapted: bool, element_size: int) -> float:
+        """Fewest bytes one call must move: each operand read once, each result written once.
+
+        fwd: X, W, A, B in, Y out. fwd+bwd adds dY, W, X, A, B in and dX, dA, dB out.
+        """
+        m, k, n, r = self.tokens, self.in_features, self.out_features, self.rank
+        adapter = adapted * r * (self.adapters * k + n)
+        forward = m * k + n * k + m * n + adapter
+        backward = m * n + n * k + 2 * m * k + 2 * adapter
+        return element_size * (forward + (backward if mode == "fwd+bwd" else 0))
 
 
-QUICK_SHAPES = [Shape(197 * 8, 768, 768, 16), Shape(197 * 8, 768, 3072, 16)]
+def full_shapes(
+    dims: tuple[int, ...] = (384, 768, 1024),
+    tokens: tuple[int, ...] = (197 * 8, 4096),
+    ranks: tuple[int, ...] = (8, 16, 64),
+) -> list[Shape]:
+    """Attention (D → D) and MLP (D → 4D) layers of ViT-S/B/L-wide encoders.
 
-
-def full_shapes() -> list[Shape]:
-    """D ∈ {384, 768, 1024}, attention (D→D) and MLP (D→4D), M ∈ {197·8, 512·8, 4096}, r ∈ {8, 16, 64}."""
+    Default tokens: 197·8 (ViT, batch 8) and 4096 (= 512·8, BERT-length batch of 8).
+    """
     return [
-        Shape(tokens, dim, out, rank)
-        for dim, tokens, rank in itertools.product((384, 768, 1024), (197 * 8, 512 * 8, 4096), (8, 16, 64))
+        Shape(m, dim, out, rank)
+        for dim, m, rank in itertools.product(dims, tokens, ranks)
         for out in (dim, 4 * dim)
-    ]
+    ]  # fmt: skip
+
+
+QUICK_SHAPES = full_shapes(dims=(64,), tokens=(128,), ranks=(8,))
+
+
+@dataclass(frozen=True)
+class Provider:
+    """fn(x) → Y, the tensors whose gradients fwd+bwd computes (besides x), and whether it does LoRA work."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    trainable: tuple[torch.Tensor, ...]
+    adapted: bool = True
+    inference_only: bool = False
 
 
 def naive_lora(x, weight, bias, lora_a, lora_b, scale):
+    """Y = X Wᵀ + b + s · (X Aᵀ) Bᵀ as three eager matmuls and an add."""
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
-def lora_providers(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
-    """name → fn(x) computing the same LoRA linear on shared weights."""
+def lora_providers(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Provider]:
+    """Every provider of one LoRA linear, on the same W, b, A, B (B nonzero)."""
     torch.manual_seed(0)
-    linear = nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype).requires_grad_(False)
-    layer = LoRALinear(linear, shape.rank, scale=2.0)
+    linear = nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype)
+    layer = LoRALinear(linear, shape.rank, scale=SCALE)
     nn.init.normal_(layer.lora_b, std=0.02)
-    merged_weight = merge_weight(layer.weight, layer.lora_a, layer.lora_b, layer.scale)
-    params = (layer.weight, layer.bias, layer.lora_a, layer.lora_b, layer.scale)
-    compiled = torch.compile(naive_lora)
+    adapter = (layer.lora_a, layer.lora_b)
+    merged_weight = merge_weight(layer.weight, *adapter, layer.scale)
+    params = (layer.weight, layer.bias, *adapter, layer.scale)
+    compiled = torch.compile(naive_lora, dynamic=False)
     providers = {
-        "floor": lambda x: F.linear(x, layer.weight, layer.bias),
-        "lowrank": layer,
-        "merged": lambda x: F.linear(x, merged_weight, layer.bias),
-        "naive": lambda x: naive_lora(x, *params),
-        "compiled": lambda x: compiled(x, *params),
+        "floor": Provider(lambda x: F.linear(x, layer.weight, layer.bias), (), adapted=False),
+        "lowrank": Provider(layer, adapter),
+        "merged": Provider(lambda x: F.linear(x, merged_weight, layer.bias), (), adapted=False, inference_only=True),
+        "naive": Provider(lambda x: naive_lora(x, *params), adapter),
+        "compiled": Provider(lambda x: compiled(x, *params), adapter),
     }
-    peft_model = peft_lora(layer)
-    if peft_model is not None:
-        providers["peft"] = peft_model
+    peft_layer = peft_lora(layer)
+    if peft_layer is not None:
+        providers["peft"] = Provider(peft_layer, tuple(p for p in peft_layer.parameters() if p.requires_grad))
     return providers
 
 
@@ -98,67 +145,88 @@ def peft_lora(layer: LoRALinear) -> nn.Module | None:
     return proj
 
 
-def qkv_providers(dim: int, rank: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
-    """Fused qkv with LoRA on q, k, v vs three separate LoRA projections (same weights)."""
+def qkv_providers(dim: int, rank: int, dtype: torch.dtype, device: torch.device) -> dict[str, Provider]:
+    """Base qkv GEMM, fused LoRA on q, k, v, and three separate LoRA projections (same weights)."""
     torch.manual_seed(0)
-    fused_linear = nn.Linear(dim, 3 * dim, device=device, dtype=dtype)
-    fused = LoRAQKVLinear(fused_linear, rank, 2.0, ("q", "k", "v"))
+    fused = LoRAQKVLinear(nn.Linear(dim, 3 * dim, device=device, dtype=dtype), rank, SCALE, ("q", "k", "v"))
     nn.init.normal_(fused.lora_b, std=0.02)
     separate = []
     for i in range(3):
-        part = nn.Linear(dim, dim, device=device, dtype=dtype)
-        part.load_state_dict(
-            {"weight": fused.weight[i * dim : (i + 1) * dim], "bias": fused.bias[i * dim : (i + 1) * dim]}
-        )
-        adapter = LoRALinear(part, rank, 2.0)
-        adapter.load_state_dict(
-            {"lora_a": fused.lora_a[i * rank : (i + 1) * rank], "lora_b": fused.lora_b[i * dim : (i + 1) * dim]},
-            strict=False,
-        )
-        separate.append(adapter)
-    return {"qkv_fused": fused, "qkv_separate": lambda x: torch.cat([p(x) for p in separate], dim=-1)}
+        part = LoRALinear(nn.Linear(dim, dim, device=device, dtype=dtype), rank, SCALE)
+        rows, adapter_rows = slice(i * dim, (i + 1) * dim), slice(i * rank, (i + 1) * rank)
+        with torch.no_grad():
+            for mine, theirs in ((part.weight, fused.weight[rows]), (part.bias, fused.bias[rows])):
+                mine.copy_(theirs)
+            part.lora_a.copy_(fused.lora_a[adapter_rows])
+            part.lora_b.copy_(fused.lora_b[rows])
+        separate.append(part)
+    return {
+        "qkv_floor": Provider(lambda x: F.linear(x, fused.weight, fused.bias), (), adapted=False),
+        "qkv_fused": Provider(fused, (fused.lora_a, fused.lora_b)),
+        "qkv_separate": Provider(
+            lambda x: torch.cat([p(x) for p in separate], dim=-1),
+            tuple(t for p in separate for t in (p.lora_a, p.lora_b)),
+        ),
+    }
 
 
-def training_step(fn: Callable, x: torch.Tensor, backward: bool) -> Callable[[], None]:
-    """fn(x) alone under no_grad (forward), or fn(x).sum().backward() (forward + backward)."""
+def make_step(provider: Provider, x: torch.Tensor, grad: torch.Tensor, mode: str) -> Callable[[], None]:
+    """fn(x) under no_grad (fwd), or fn(x) and the gradients of x and the adapters for dY = grad (fwd+bwd).
 
-    def step() -> None:
-        if backward:
-            x.grad = None
-            fn(x).sum().backward()
-        else:
+    torch.autograd.grad returns fresh gradients instead of accumulating into ``.grad``,
+    so every call does the same work.
+    """
+    if mode == "fwd":
+
+        def forward() -> None:
             with torch.no_grad():
-                fn(x)
+                provider.fn(x)
 
-    return step
+        return forward
 
+    def forward_backward() -> None:
+        torch.autograd.grad(provider.fn(x), (x, *provider.trainable), grad)
 
-def measure(providers: dict[str, Callable], x: torch.Tensor, backward: bool, device: torch.device) -> list[dict]:
-    steps = {name: training_step(fn, x, backward) for name, fn in providers.items()}
-    timings = time_interleaved(steps, device)
-    return [
-        {"provider": name, "mode": "fwd+bwd" if backward else "fwd", "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
-         "peak_mb": peak_memory_mb(steps[name], device)}
-        for name, (p20, p50, p80) in timings.items()
-    ]  # fmt: skip
+    return forward_backward
 
 
-def run(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.device) -> list[dict]:
-    """One row per (shape, dtype, mode, provider), with the ratio to the floor of the same run."""
-    rows, context = [], {"device": device_name(device), "commit": git_commit(), "torch": torch.__version__}
+def measure_group(
+    group: str, shape: Shape, providers: dict[str, Provider], dtype: torch.dtype, device: torch.device, timer: dict
+) -> list[dict]:
+    """One row per (mode, provider) of one group; the group's first provider is the floor of its ratios."""
+    x = torch.randn(shape.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(shape.tokens, shape.out_features, device=device, dtype=dtype)
+    rows = []
+    for mode in MODES:
+        chosen = {name: p for name, p in providers.items() if mode == "fwd" or not p.inference_only}
+        steps = {name: make_step(p, x, grad, mode) for name, p in chosen.items()}
+        timings = time_steps(steps, device, **timer)
+        floor = next(iter(timings.values()))[1]
+        for name, (p20, p50, p80) in timings.items():
+            adapted = chosen[name].adapted
+            rows.append({
+                "group": group, "dtype": str(dtype).removeprefix("torch."), "M": shape.tokens,
+                "K": shape.in_features, "N": shape.out_features, "r": shape.rank, "mode": mode, "provider": name,
+                "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "ratio": p50 / floor,
+                "lora_share": shape.lora_share(mode),
+                "tflops": shape.flops(mode, adapted) / p50 / 1e9,
+                "gbps": shape.bytes_moved(mode, adapted, x.element_size()) / p50 / 1e6,
+                "peak_mb": peak_memory_mb(steps[name], device),
+            })  # fmt: skip
+    return rows
+
+
+def run(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.device, timer: dict | None = None) -> list[dict]:
+    """Rows for every shape × dtype: the LoRA linear group, and the qkv group where N = K.
+
+    ``timer``: keyword arguments of bench.timing.time_steps (warmup, reps on the CPU).
+    """
+    rows = []
     for shape, dtype in itertools.product(shapes, dtypes):
-        x = torch.randn(shape.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=True)
-        groups = [lora_providers(shape, dtype, device)]
+        torch._dynamo.reset()  # a fresh compile per shape: no recompile limit, no dynamic shapes
+        rows += measure_group("linear", shape, lora_providers(shape, dtype, device), dtype, device, timer or {})
         if shape.in_features == shape.out_features:
-            groups.append(qkv_providers(shape.in_features, shape.rank, dtype, device))
-        for backward, providers in itertools.product((False, True), groups):
-            results = measure(providers, x, backward, device)
-            baseline = results[0]["ms_p50"]
-            for result in results:
-                flops = shape.flops(backward) * (3 if result["provider"].startswith("qkv") else 1)
-                rows.append(
-                    context | {"M": shape.tokens, "K": shape.in_features, "N": shape.out_features, "r": shape.rank,
-                               "dtype": str(dtype).removeprefix("torch.")} | result
-                    | {"ratio": result["ms_p50"] / baseline, "tflops": flops / result["ms_p50"] / 1e9}
-                )  # fmt: skip
+            dim = shape.in_features
+            qkv = Shape(shape.tokens, dim, 3 * dim, shape.rank, adapters=3)
+            rows += measure_group("qkv", qkv, qkv_providers(dim, shape.rank, dtype, device), dtype, device, timer or {})
     return rows
