@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", nargs="+", default=None, help="default: float32 on CPU, bfloat16 float32 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="CPU timed repetitions (default 15, --quick 3)")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="kernels: time CUDA graph replays (no launch overhead)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the CSV (and PNG)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG bar chart beside the CSV")
     return parser.parse_args()
@@ -69,6 +72,8 @@ def main() -> None:
         for name in args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     ]
     timer = dict(QUICK_TIMER if args.quick else CPU_TIMER) | ({"reps": args.reps} if args.reps else {})
+    if args.cuda_graph:
+        timer["cuda_graph"] = True
     use_fixed_mmap_threshold()  # CPU peak memory: see bench/memory.py
     if args.suite == "kernels":
         shapes = kernels.QUICK_SHAPES if args.quick else kernels.full_shapes(args.dims, args.tokens, args.ranks)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check behind bench/README.md's GPU tables: kernel tests on the compiled Triton
-# kernels, then the train and kernel benchmarks. Usage: bench/gpu.sh OUT_DIR [COMMIT]
+# kernels, a merge check, then the kernel benchmarks timed on CUDA graphs (the eager
+# timings and the train benchmark: see bench/README.md). Usage: bench/gpu.sh OUT_DIR [COMMIT]
 # Each stage has its own time limit, so one that hangs does not cost the others.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUT_DIR [COMMIT]}
@@ -11,8 +12,11 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-LOWRANK_TEST_DEVICE=cuda timeout 210 $py -m pytest tests/test_lora_linear.py tests/test_lora_qkv.py \
-    -q -rfE -p no:cacheprovider --durations=5 2>&1 | tee "$out/tests-cuda.log" | tail -25
+# SIGINT at the limit: pytest stops where it is and still prints its summary.
+LOWRANK_TEST_DEVICE=cuda timeout -s INT 190 $py -m pytest tests/test_lora_linear.py tests/test_lora_qkv.py \
+    -v -rfE -p no:cacheprovider --durations=5 --junitxml="$out/tests-cuda.xml" > "$out/tests-cuda.log" 2>&1
+grep -E "PASSED|FAILED|ERROR" "$out/tests-cuda.log" | sed 's/ *\[.*%\]//' | cut -c1-150 | tail -12
+tail -15 "$out/tests-cuda.log"
 LOWRANK_TEST_DEVICE=cuda timeout 30 $py -c "
 import torch
 from kernels.merge import merge_weight
@@ -23,6 +27,6 @@ for dtype in (torch.float32, torch.bfloat16):
     ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
     print('merge_weight on cuda', dtype, 'within 1 ulp:', bool(((got.float() - want.float()).abs() <= ulp).all()))
 "
-timeout 60 $py -m bench train --dtype bfloat16 --out "$out" 2>&1 | tail -8
-timeout 140 $py -m bench kernels --dtype bfloat16 --dims 384 768 1024 --tokens 4096 --ranks 16 --out "$out" | tail -8
-timeout 50 $py -m bench kernels --dtype float32 --dims 768 --tokens 4096 --ranks 16 --out "$out" | tail -8
+timeout 110 $py -m bench kernels --cuda-graph --dtype bfloat16 --dims 768 1024 --tokens 4096 --ranks 16 --out "$out" \
+    | tail -4
+timeout 50 $py -m bench kernels --cuda-graph --dtype float32 --dims 768 --tokens 4096 --ranks 16 --out "$out" | tail -4

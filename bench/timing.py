@@ -1,7 +1,10 @@
 """Timers shared by every benchmark: the 20/50/80 % quantiles of a step's time, in ms.
 
 CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, repetitions
-fitted to a time budget), one step function after another. CPU: a warm-up, then
+fitted to a time budget), one step function after another; what it measures includes
+the host's launch overhead whenever the GPU waits for it. With ``cuda_graph``,
+``triton.testing.do_bench_cudagraph`` replays the step captured in a CUDA graph: GPU
+time alone, no launch overhead (and no L2 flush between replays). CPU: a warm-up, then
 median-of-N wall time with the steps run round-robin within each repetition, so that
 drift in clock speed or background load hits all of them alike instead of whichever
 happened to run then.
@@ -19,18 +22,32 @@ Quantiles = tuple[float, float, float]
 
 
 def time_steps(
-    steps: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3, reps: int = 15
-) -> dict[str, Quantiles]:
-    """name → 20/50/80 % quantiles of one call of ``steps[name]`` in ms.
+    steps: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int = 3,
+    reps: int = 15,
+    cuda_graph: bool = False,
+) -> dict[str, tuple[Quantiles, str]]:
+    """name → (20/50/80 % quantiles of one call of ``steps[name]`` in ms, the timer used).
 
     ``warmup`` and ``reps`` are call counts on the CPU; on CUDA do_bench picks its own
-    counts (about 25 ms of warm-up and 100 ms of timed calls per step).
+    counts (about 25 ms of warm-up and 100 ms of timed calls per step). A step that
+    cannot be captured in a CUDA graph is timed with events instead (its timer says so).
     """
-    if device.type == "cuda":
-        import triton.testing
+    if device.type != "cuda":
+        return {name: (times, "wall") for name, times in _time_round_robin(steps, warmup, reps).items()}
+    import triton.testing
 
-        return {name: tuple(triton.testing.do_bench(step, quantiles=list(QUANTILES))) for name, step in steps.items()}
-    return _time_round_robin(steps, warmup, reps)
+    timed = {}
+    for name, step in steps.items():
+        if cuda_graph:
+            try:
+                timed[name] = (tuple(triton.testing.do_bench_cudagraph(step, quantiles=list(QUANTILES))), "cudagraph")
+                continue
+            except RuntimeError as error:
+                print(f"{name}: no CUDA graph ({str(error).splitlines()[0]}); timing with events")
+        timed[name] = (tuple(triton.testing.do_bench(step, quantiles=list(QUANTILES))), "events")
+    return timed
 
 
 def _time_round_robin(steps: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, Quantiles]:

@@ -25,9 +25,11 @@ from kernels.backend import interpreting
 # Smallest rank block: tl.dot needs every dimension ≥ 16 on NVIDIA GPUs; the rank is
 # zero-padded (masked loads) up to the next power of two ≥ this.
 MIN_RANK_BLOCK = 16
-# Tiles swept on GPU (classic Triton matmul settings for A100/H100-class parts); under
-# the CPU interpreter autotuning cannot time anything, so one small config is used.
-_GPU_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
+# Tiles swept on GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper wants BLOCK_K = 64 and
+# large 8-warp tiles (Triton's H100 matmul tutorial settings); 64 × 128 keeps small problems
+# busy on 132 SMs. A config that does not fit shared memory (fp32 at 128 × 256) is skipped by
+# the autotuner. Under the CPU interpreter autotuning cannot time anything: one small config.
+_GPU_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 4)]
 _INTERPRETER_TILE = (32, 32, 32, 4, 1)
 # Rows per program of the skinny GEMM; its output is only r wide, so tiles are tall.
 _GPU_SKINNY = [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3)]

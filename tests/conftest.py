@@ -23,7 +23,7 @@ from kernels.backend import use_backend  # noqa: E402  (only once TRITON_INTERPR
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)
 # On a GPU every new shape compiles and autotunes the kernels (seconds each): fewer, fixed examples.
-settings.register_profile("gpu", derandomize=True, deadline=None, max_examples=6, print_blob=True)
+settings.register_profile("gpu", derandomize=True, deadline=None, max_examples=4, print_blob=True)
 default_profile = "dev" if ON_CPU else "gpu"
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", default_profile))
 
