@@ -4,6 +4,7 @@ model = add_lora(model, LoRAConfig(rank=8, alpha=16, targets=("q", "v")))
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
 ...
 save_adapter(model, "adapter/");  merge_lora(model)  # plain-GEMM inference
+export_peft(model, "peft_adapter/")  # the same adapter for peft + transformers; import_peft reads one back
 """
 
 from lowrank.adapter_io import load_adapter, save_adapter
@@ -11,6 +12,7 @@ from lowrank.config import LoRAConfig
 from lowrank.inject import TARGET_PATTERNS, add_lora
 from lowrank.layer import LoRALayer
 from lowrank.linear import LoRALinear
+from lowrank.peft_io import export_peft, import_peft
 from lowrank.qkv import LoRAQKVLinear
 from lowrank.state import (
     lora_parameters,
@@ -27,6 +29,8 @@ __all__ = [
     "LoRALinear",
     "LoRAQKVLinear",
     "add_lora",
+    "export_peft",
+    "import_peft",
     "load_adapter",
     "lora_parameters",
     "lora_state_dict",
