@@ -251,9 +251,10 @@ def _targets(adapted: dict[str, set[int]], paths: ModulePaths) -> tuple[str, ...
         if holders and holders != fused:
             raise ValueError(
                 f"the adapter adapts {projection} in {len(holders)} of {len(fused)} layers; lowrank's fused q/k/v "
-                f"adapters take a projection in every layer or in none"
+                "adapters take a projection in every layer or in none"
             )
-        targets += [projection] if holders else []
+        if holders:
+            targets.append(projection)
     single = {name for name in adapted if name not in fused}
     for short in ("o", "mlp"):
         covered = {name for name in paths.keys() - fused if re.fullmatch(TARGET_PATTERNS[short], name)}
