@@ -1,0 +1,60 @@
+"""``python -m bench {kernels,train} --quick`` end to end: a well-formed CSV (and PNG), not its speed."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROVENANCE = ("device", "torch", "triton", "commit", "time_utc")
+
+
+def run_bench(suite: str, out: Path) -> tuple[list[dict], list[Path]]:
+    """Run the suite with --quick --plot into ``out`` (torch path: no Triton interpreter); its rows and files."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "bench", suite, "--quick", "--plot", "--device", "cpu", "--out", str(out)]
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    (path,) = out.glob(f"*-{suite}.csv")
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle)), sorted(out.iterdir())
+
+
+def assert_timed(row: dict) -> None:
+    assert all(row[key] for key in PROVENANCE), row
+    p20, p50, p80 = (float(row[key]) for key in ("ms_p20", "ms_p50", "ms_p80"))
+    assert 0 < p20 <= p50 <= p80 < math.inf, row
+
+
+def test_kernels_quick_writes_a_csv_and_a_plot(tmp_path):
+    rows, files = run_bench("kernels", tmp_path)
+    assert [f.suffix for f in files] == [".csv", ".png"]
+    for row in rows:
+        assert_timed(row)
+    linear = {(r["mode"], r["provider"]) for r in rows if r["group"] == "linear"}
+    providers = {"floor", "lowrank", "naive", "compiled"} | ({"peft"} if "peft" in {p for _, p in linear} else set())
+    assert {p for m, p in linear if m == "fwd+bwd"} == providers  # merged is inference only
+    assert {p for m, p in linear if m == "fwd"} == providers | {"merged"}
+    assert {r["provider"] for r in rows if r["group"] == "qkv"} == {"qkv_floor", "qkv_fused", "qkv_separate"}
+    for row in rows:
+        if row["provider"] in ("floor", "qkv_floor"):
+            assert float(row["ratio"]) == pytest.approx(1.0)
+        assert 0 < float(row["lora_share"]) < 1
+
+
+def test_train_quick_writes_a_csv_and_a_plot(tmp_path):
+    rows, files = run_bench("train", tmp_path)
+    assert [f.suffix for f in files] == [".csv", ".png"]
+    for row in rows:
+        assert_timed(row)
+        assert float(row["state_mb"]) > 0
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (model, method) for model in ("vit_avmnist_tiny", "ast_avmnist_tiny") for method in ("full", "lora")
+    }
+    full = {r["model"]: int(r["trainable"]) for r in rows if r["method"] == "full"}
+    assert all(int(r["trainable"]) < full[r["model"]] for r in rows if r["method"] == "lora")
