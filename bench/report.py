@@ -50,7 +50,7 @@ def kernel_table(rows: list[dict], group: str) -> str:
         memory = f"{float(ours['peak_mb']):.1f} / {float(other['peak_mb']):.1f}" if other else "–"
         lines.append([
             str(dtype), str(m), f"{k}→{n}", str(r), str(mode), f"{float(floor['ms_p50']):.3f}", *ratios,
-            f"{limit(ours):.3f}", f"{float(ours['tflops']):.1f}", memory,
+            f"{limit(ours):.3f}", f"{float(ours['tflops']):.3g}", memory,
         ])  # fmt: skip
     return _markdown(header, lines)
 
