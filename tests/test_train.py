@@ -1,0 +1,143 @@
+"""train.py end to end on the synthetic data set (seconds): U2A, caching, resume, evaluation, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from kernels.backend import use_backend
+
+EPOCHS = 2
+
+
+def argv(tmp_path, *extra: str) -> list[str]:
+    return [
+        "--dataset", "synthetic", "--epochs", str(EPOCHS), "--unimodal-epochs", "1", "--batch-size", "32",
+        "--out-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One complete run: (its folder, its results, the temporary root)."""
+    root = tmp_path_factory.mktemp("train")
+    with use_backend("torch"):  # module scope: conftest's per-test backend fixture is not active yet
+        results = train.main(argv(root, "--name", "full"))
+    return root / "runs" / "full", results, root
+
+
+def test_a_run_writes_every_output(finished):
+    run_dir, results, _ = finished
+    for name in ("config.json", "metrics.jsonl", "adapter.safetensors", "results.json", "results.md"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "curves.png").stat().st_size > 0 and (run_dir / "missing.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    assert train.TrainConfig.from_json((run_dir / "config.json").read_text()).name == "full"
+
+
+def test_results_cover_every_modality_rate_and_fill(finished):
+    _, results, _ = finished
+    assert set(results["missing"]) == {"image", "audio"}
+    for by_fill in results["missing"].values():
+        assert set(by_fill) == {"mask-token", "zero-input", "zero-feature", "unimodal"}
+        for accuracies in by_fill.values():
+            assert len(accuracies) == len(results["missing_rates"])
+            assert accuracies[0] == pytest.approx(results["complete"])  # rate 0: nothing missing
+    fallback = {m: by_fill["unimodal"][-1] for m, by_fill in results["missing"].items()}
+    assert fallback == {"image": results["unimodal"]["audio"], "audio": results["unimodal"]["image"]}
+    check = results["merge_check"]
+    assert check["agree"] == check["total"] and check["max_abs_logit_diff"] < 1e-4
+
+
+def test_adapter_checkpoint_holds_only_trained_tensors(finished):
+    run_dir, _, _ = finished
+    tensors = load_file(run_dir / "adapter.safetensors")
+    assert tensors and all(
+        "lora_" in k or k.startswith(("head.", "mask_tokens.", "token_in.", "token_out.")) for k in tensors
+    )
+    assert any(k.startswith("mask_tokens.") for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "adapter.safetensors", "pt") as file:
+        hashes = json.loads(file.metadata()["encoder_sha256"])
+    assert set(hashes) == {"image", "audio"} and all(len(h) == 64 for h in hashes.values())
+
+
+def test_unimodal_models_are_cached_and_reused(finished, capsys):
+    _, results, root = finished
+    again = train.main(argv(root, "--name", "again"))
+    assert "cached unimodal model" in capsys.readouterr().out
+    assert again == results  # same seed, same cached encoders → same run
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(finished, monkeypatch):
+    _, results, root = finished
+    calls = 0
+    real_loss = train.u2a_loss
+
+    def failing_loss(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # first step of epoch 2 (4 steps per epoch)
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "u2a_loss", failing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(root, "--name", "interrupted"))
+    monkeypatch.setattr(train, "u2a_loss", real_loss)
+    run_dir = root / "runs" / "interrupted"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert train.main(["--resume", str(run_dir)]) == results
+    full = load_file(root / "runs" / "full" / "adapter.safetensors")
+    resumed = load_file(run_dir / "adapter.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_an_existing_run_is_never_overwritten(finished):
+    _, _, root = finished
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.main(argv(root, "--name", "full"))
+
+
+def test_resume_takes_no_other_options(finished):
+    run_dir, _, _ = finished
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", str(run_dir), "--rank", "4"])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(("--rank", "0"), "rank"), (("--missing-train-rate", "1.5"), "missing_train_rate"), (("--warmup", "1"), "warmup")],
+)
+def test_bad_config_is_named(option, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(list(option))
+
+
+def test_modality_dropout_removes_at_most_one_modality():
+    torch.manual_seed(0)
+    dropped = train.drop_modalities(10_000, 2, 0.3)
+    assert dropped.sum(1).max() == 1
+    assert 0.27 < dropped.any(1).float().mean() < 0.33
+    assert not train.drop_modalities(100, 2, 0.0).any()
+
+
+def test_missing_mask_hits_the_requested_share():
+    mask = train.missing_mask(200, 2, modality=1, rate=0.25, seed=0)
+    assert mask[:, 1].sum() == 50 and not mask[:, 0].any()
+    assert torch.equal(mask, train.missing_mask(200, 2, modality=1, rate=0.25, seed=0))
+
+
+def test_fallback_uses_the_remaining_unimodal_model():
+    complete = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    unimodal = {"image": torch.tensor([[0.2, 0.8], [0.2, 0.8]]), "audio": torch.tensor([[0.6, 0.4], [0.3, 0.7]])}
+    missing = torch.tensor([[False, False], [True, False]])
+    out = train.fallback_probabilities(complete, unimodal, missing, ("image", "audio"))
+    assert torch.equal(out, torch.tensor([[0.9, 0.1], [0.3, 0.7]]))
