@@ -1,12 +1,14 @@
-"""python -m bench {kernels,train,report} — see bench/README.md.
+"""python -m bench {kernels,train,report,runs} — see bench/README.md.
 
     python -m bench kernels [--quick] [--dims 384 768 1024] [--tokens 1576 4096] [--ranks 8 16 64]
                             [--dtype float32 bfloat16] [--device cuda] [--out bench/results] [--plot]
     python -m bench train   [--quick] [--dtype ...] [--device ...] [--out ...] [--plot]
     python -m bench report  bench/results/<file>.csv ...
+    python -m bench runs    runs/NAME-s0 runs/NAME-s1 ... [--out FILE.md]
 
 kernels/train append rows to ``<out>/<device>-<UTC date>-<suite>.csv``, print the markdown
-tables and the targets met or missed; ``--plot`` also writes a PNG beside the CSV.
+tables and the targets met or missed; ``--plot`` also writes a PNG beside the CSV. runs prints
+(and with ``--out`` writes) the mean ± std over the seeds of train.py runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench import kernels, report, train
+from bench import kernels, report, runs, train
 from bench.memory import use_fixed_mmap_threshold
 from bench.plot import plot_kernels, plot_train
 from bench.results import RESULTS, append_rows, provenance, results_path
@@ -29,8 +31,8 @@ QUICK_TIMER = {"warmup": 1, "reps": 3}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=["kernels", "train", "report"])
-    parser.add_argument("csv", nargs="*", type=Path, help="report: CSV files to tabulate")
+    parser.add_argument("suite", choices=["kernels", "train", "report", "runs"])
+    parser.add_argument("paths", nargs="*", type=Path, help="report: CSV files to tabulate; runs: run folders")
     parser.add_argument("--quick", action="store_true", help="tiny shapes / small models, few repetitions")
     parser.add_argument("--dims", nargs="+", type=int, default=[384, 768, 1024], help="kernels: D (MLP: D → 4D)")
     parser.add_argument("--tokens", nargs="+", type=int, default=[197 * 8, 4096], help="kernels: M")
@@ -41,7 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--cuda-graph", action="store_true", help="kernels: time CUDA graph replays (no launch overhead)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the CSV (and PNG)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"folder of the CSV and PNG (default {RESULTS}); runs: a .md"
+    )
     parser.add_argument("--plot", action="store_true", help="also write a PNG bar chart beside the CSV")
     return parser.parse_args()
 
@@ -57,8 +61,15 @@ def summary(suite: str, rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.suite == "runs":
+        table = runs.summarize(*runs.load_runs(args.paths))
+        print(table)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(table, encoding="utf-8")
+        return
     if args.suite == "report":
-        for path in args.csv:
+        for path in args.paths:
             with path.open(newline="") as handle:
                 rows = list(csv.DictReader(handle))
             suite = "train" if "method" in rows[0] else "kernels"
@@ -82,7 +93,7 @@ def main() -> None:
         rows = train.run(dtypes, device, quick=args.quick, timer=timer)
     context = provenance(device)
     rows = [context | row for row in rows]
-    path = append_rows(results_path(args.out, device, args.suite), rows)
+    path = append_rows(results_path(args.out or RESULTS, device, args.suite), rows)
     print(summary(args.suite, rows))
     print(f"\nwrote {path}")
     if args.plot:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -58,3 +59,33 @@ def test_train_quick_writes_a_csv_and_a_plot(tmp_path):
     }
     full = {r["model"]: int(r["trainable"]) for r in rows if r["method"] == "full"}
     assert all(int(r["trainable"]) < full[r["model"]] for r in rows if r["method"] == "lora")
+
+
+def fake_run(folder: Path, seed: int, complete: float, **config_changes) -> Path:
+    """A run folder as train.py leaves it (config.json + results.json), with made-up accuracies."""
+    folder.mkdir()
+    config = {"dataset": "synthetic", "rank": 8, "targets": ["q", "v"], "epochs": 2, "seed": seed} | config_changes
+    results = {
+        "unimodal": {"image": 0.5, "audio": 0.25},
+        "complete": complete,
+        "merge_check": {"agree": 10, "total": 10, "max_abs_logit_diff": 0.0},
+        "missing_rates": [0.0, 1.0],
+        "missing": {"image": {"mask-token": [complete, 0.25]}, "audio": {"mask-token": [complete, 0.5]}},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_runs_summary_gives_mean_and_std_over_seeds(tmp_path):
+    from bench import runs
+
+    folders = [fake_run(tmp_path / "a", 0, 0.6), fake_run(tmp_path / "b", 1, 0.8)]
+    table = runs.summarize(*runs.load_runs(folders))
+    assert "| U2A, complete | 70.0 ± 14.1 |" in table
+    assert "| image | mask-token | 70.0 ± 14.1 | 25.0 ± 0.0 |" in table
+    assert "20/20" in table
+    with pytest.raises(ValueError, match="rank"):
+        runs.load_runs([*folders, fake_run(tmp_path / "c", 2, 0.7, rank=4)])
+    with pytest.raises(FileNotFoundError, match="finished"):
+        runs.load_runs([tmp_path])
