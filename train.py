@@ -4,6 +4,7 @@
     python train.py --dataset avmnist --data-dir DIR            # MultiBench AV-MNIST folder
     python train.py --image-encoder CKPT --audio-encoder CKPT   # Hugging Face–format ViT / AST checkpoints
     python train.py --resume runs/NAME                          # continue an interrupted run
+    torchrun --nproc_per_node 2 train.py --dataset avmnist-mini # data parallel (gloo on CPU, NCCL on CUDA)
 
 1. Pretrained encoders. Given with --{modality}-encoder, each is frozen and gets a linear head (its
    unimodal model). Otherwise each encoder is first trained alone on its modality. Either way the
@@ -18,6 +19,13 @@
 
 Outputs in runs/NAME/: config.json, metrics.jsonl, adapter.safetensors (adapters + head + tokens, with
 the encoders' sha256), state.pt (resume point), results.json, results.md, curves.png, missing.png.
+
+Faults: every file is written atomically (temporary file, fsync, os.replace). state.pt is written every
+--save-every steps and after each epoch; SIGINT / SIGTERM write it at the next step boundary and exit
+with status 128 + signal; --resume continues exactly (same metrics, bit for bit on the CPU). A non-finite
+loss or gradient stops the run naming the step and the tensors (--max-bad-steps skips that many first).
+Under torchrun each process takes its share of every global batch (--batch-size), gradients are averaged,
+and only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -28,7 +36,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,16 +49,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from lowrank import LoRAConfig, add_lora, merge_lora, unmerge_lora
-from lowrank.io import staged, state_dict_problems
-from mmdata import get_dataset
-from models import TransformerEncoder, create_model
+from lowrank.io import CorruptFileError, read_safetensors, read_torch_file, staged, state_dict_problems
+from mmdata import DATASETS, get_dataset
+from models import MODEL_REGISTRY, TransformerEncoder, create_model
 from models.multimodal import MISSING_FILLS, MultimodalClassifier, UnimodalClassifier, alignment_loss
 
 # ---------------------------------------------------------------------------------------------- config
@@ -83,13 +96,16 @@ class TrainConfig:
     lr: float = option(2e-3, "peak learning rate of U2A")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup: float = option(0.05, "share of steps spent on the linear warm-up")
-    batch_size: int = option(64, "batch size")
+    batch_size: int = option(64, "batch size (global: split over the processes under torchrun)")
     missing_train_rate: float = option(0.3, "share of training samples that lose one modality (at random)")
     align_weight: float = option(0.2, "weight λ of the Mask Token alignment loss")
     mask_tokens_visible: bool = option(False, "let the present modality's tokens attend to the Mask Token")
     missing_test: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "test missing rates", floats)
     seed: int = option(0, "seed of initialisation, data order and modality dropout")
     device: str = option("auto", "cpu, cuda, cuda:N; auto picks CUDA when available")
+    precision: str = option("fp32", "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler); weights stay fp32")
+    save_every: int = option(100, "also write the resume point every N steps (0: after each epoch only)")
+    max_bad_steps: int = option(0, "steps with a non-finite loss or gradient to skip before stopping")
     name: str | None = option(None, "run name; default u2a-DATASET-rRANK-sSEED")
     out_dir: str = option("runs", "folder of the run folders")
     cache_dir: str = option("runs/cache", "folder of the cached unimodal models")
@@ -102,6 +118,13 @@ class TrainConfig:
             "missing_train_rate must be in [0, 1]": 0 <= self.missing_train_rate <= 1,
             "missing_test rates must be in [0, 1]": all(0 <= p <= 1 for p in self.missing_test),
             "warmup must be in [0, 1)": 0 <= self.warmup < 1,
+            f"unknown data set {self.dataset!r}; known: {', '.join(sorted(DATASETS))}": self.dataset in DATASETS,
+            f"unknown encoder architecture in image_model {self.image_model!r} / audio_model {self.audio_model!r}; "
+            f"known: {', '.join(sorted(MODEL_REGISTRY))}": {self.image_model, self.audio_model}
+            <= MODEL_REGISTRY.keys(),
+            f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {self.precision!r}": self.precision
+            in AUTOCAST_DTYPES,
+            "save_every and max_bad_steps must be ≥ 0": min(self.save_every, self.max_bad_steps) >= 0,
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
@@ -121,35 +144,114 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        values = json.loads(text)
+    def from_json(cls, text: str, source: str = "config") -> TrainConfig:
+        """The config saved as JSON; errors name ``source`` and what is wrong with it."""
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} is not valid JSON: {error}") from error
+        unknown = sorted(values.keys() - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{source} has unknown fields {unknown}: not a config of this train.py")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision → autocast dtype
+RESUMABLE = ("device", "save_every", "max_bad_steps", "out_dir", "cache_dir")  # may change on --resume: no effect
+# on the results (cache_dir: the unimodal models are rebuilt identically or found)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:
-    """TrainConfig from the command line (every field is an option), and --resume's run folder."""
+    """TrainConfig from the command line (every field is an option), and --resume's run folder.
+
+    With --resume the run's config.json is used; options may change its RESUMABLE fields only, and
+    any other difference is refused naming each field with both values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", type=Path, help="run folder to continue; its config.json is used")
-    for f in dataclasses.fields(TrainConfig):
-        flag, parse = "--" + f.name.replace("_", "-"), f.metadata["parse"]
+    for f in dataclasses.fields(TrainConfig):  # defaults left out, so that the options given can be told
+        flag, parse, text = "--" + f.name.replace("_", "-"), f.metadata["parse"], f.metadata["help"]
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             kind = parse or (str if f.default is None else type(f.default))
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")
-    if resume is not None:
-        if args != {f.name: f.default for f in dataclasses.fields(TrainConfig)}:
-            parser.error("--resume takes the run's own config.json; give no other options")
-        return TrainConfig.from_json(read_text(resume / "config.json")), resume
-    return TrainConfig(**args), None
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (default {f.default})")
+    given = vars(parser.parse_args(argv))
+    resume = given.pop("resume")
+    if resume is None:
+        return TrainConfig(**given), None
+    saved = TrainConfig.from_json(read_text(resume / "config.json"), source=str(resume / "config.json"))
+    changed = [
+        f"{key} (run {getattr(saved, key)!r}, given {value!r})"
+        for key, value in given.items()
+        if key not in RESUMABLE and value != getattr(saved, key)
+    ]
+    if changed:
+        parser.error(
+            f"--resume {resume}: cannot change {'; '.join(changed)}: the run would no longer be one run. "
+            f"Only {', '.join(RESUMABLE)} may change on resume; start a new run (--name) for the rest"
+        )
+    return dataclasses.replace(saved, **given), resume
 
 
 def read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     return path.read_text(encoding="utf-8")
+
+
+def check_paths(config: TrainConfig) -> None:
+    """Fail before any work when a given data folder or encoder checkpoint does not exist."""
+    given = {"--data-dir": config.data_dir, "--image-encoder": config.image_encoder}
+    given |= {"--audio-encoder": config.audio_encoder}
+    for option_name, path in given.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{option_name} {path}: no such file or folder")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    """The process that writes files and prints (rank 0)."""
+    return world()[0] == 0
+
+
+def setup_device(config: TrainConfig) -> torch.device:
+    """The device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL with one GPU per
+    process (cuda:LOCAL_RANK), gloo on the CPU. Ranks other than 0 print nothing."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        return device
+    if config.batch_size % processes:
+        raise ValueError(f"batch_size {config.batch_size} (global) must be a multiple of the {processes} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # waits for every process
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return device
+
+
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the processes, in place (themselves in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """torch.autocast to --precision's dtype (off for fp32); parameters stay fp32."""
+    dtype = AUTOCAST_DTYPES[config.precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -164,19 +266,46 @@ def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...
     return splits, modalities, int(labels.max()) + 1
 
 
-def batches(data: Dataset, config: TrainConfig, generator: torch.Generator | None = None) -> DataLoader:
-    """Shuffled (with ``generator``) training batches, or ordered evaluation batches."""
-    return DataLoader(data, config.batch_size, shuffle=generator is not None, generator=generator)
+def batches(data: Dataset, config: TrainConfig, order: list[int] | None = None) -> DataLoader:
+    """This process's training batches over the sample indices ``order`` (see epoch_order), or ordered
+    evaluation batches. The loader's own generator keeps torch's global one untouched (exact resume)."""
+    size = config.batch_size // world()[1] if order is not None else config.batch_size
+    return DataLoader(data, size, sampler=order, generator=torch.Generator())
+
+
+def epoch_order(data: Dataset, config: TrainConfig, epoch: int, skip_steps: int = 0) -> list[int]:
+    """This process's sample indices in ``epoch`` after its first ``skip_steps`` batches: a permutation
+    drawn from (seed, epoch), dealt round the processes as DistributedSampler does, so that global
+    batch i holds the same samples for any number of processes (when they divide the data set)."""
+    rank, processes = world()
+    sampler = DistributedSampler(data, num_replicas=processes, rank=rank, shuffle=True, seed=config.seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)[skip_steps * (config.batch_size // processes) :]
+
+
+def steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
+    processes = world()[1]
+    return math.ceil(math.ceil(len(data) / processes) / (config.batch_size // processes))
+
+
+def step_draws(config: TrainConfig, epoch: int, step: int, size: int) -> torch.Tensor:
+    """(size, 2) uniforms for this process's samples at (epoch, step), for modality dropout: drawn for
+    the global batch from (seed, epoch, step) and dealt like the samples (process r: rows r, r + P, …)."""
+    rank, processes = world()
+    seed = int(np.random.SeedSequence([config.seed, epoch, step]).generate_state(1)[0])
+    draws = torch.rand(size * processes, 2, generator=torch.Generator().manual_seed(seed))
+    return draws[rank::processes]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def drop_modalities(batch: int, modalities: int, rate: float) -> torch.Tensor:
-    """(B, M) bool: each sample loses one modality, chosen uniformly, with probability ``rate``."""
-    hit = torch.rand(batch) < rate
-    which = torch.randint(modalities, (batch,))
+def drop_modalities(draws: torch.Tensor, modalities: int, rate: float) -> torch.Tensor:
+    """(B, M) bool: each sample loses one modality, chosen uniformly, with probability ``rate``; from the
+    (B, 2) uniforms u: sample b loses modality ⌊u₁ · M⌋ when u₀ < rate."""
+    hit = draws[:, 0] < rate
+    which = (draws[:, 1] * modalities).long().clamp(max=modalities - 1)
     return F.one_hot(which, modalities).bool() & hit[:, None]
 
 
@@ -221,11 +350,13 @@ Logits = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor] 
 def predict(
     model: Logits, data: Dataset, config: TrainConfig, device: torch.device, missing: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits (N, C) of ``model`` over ``data`` in order; ``missing`` (N, M) is handed out batch by batch."""
+    """Logits (N, C) of ``model`` over ``data`` in order (every process: all of it), under --precision's
+    autocast; ``missing`` (N, M) is handed out batch by batch."""
     logits, start = [], 0
     for batch in batches(data, config):
         rows = None if missing is None else missing[start : start + len(batch["label"])].to(device)
-        logits.append(model(to_device(batch, device), rows).float().cpu())
+        with autocast(config, device):
+            logits.append(model(to_device(batch, device), rows).float().cpu())
         start += len(batch["label"])
     return torch.cat(logits)
 
@@ -236,6 +367,122 @@ def labels_of(data: Dataset, config: TrainConfig) -> torch.Tensor:
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
+
+
+@dataclass
+class Progress:
+    """Where a fit stands: epochs done, steps done in the current one and their losses, the history
+    (one row per epoch), the best epoch's validation accuracy and trainable tensors, bad steps skipped."""
+
+    epoch: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_accuracy: float = -1.0
+    best: dict[str, torch.Tensor] = field(default_factory=dict)
+    bad_steps: int = 0
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradients were NaN/Inf more often than --max-bad-steps allows."""
+
+
+class Interrupted(SystemExit):
+    """SIGINT / SIGTERM honoured at a step boundary, after the resume point was written: exit 128 + signal."""
+
+
+class StopSignals:
+    """Within this block SIGINT and SIGTERM only record ``received``; fit stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self.previous = {s: signal.signal(s, self.record) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def record(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (the resume point will be written)")
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Data parallel: each gradient ← its mean over the processes (one all-reduce of one flat buffer).
+    A gradient that is None (parameter unused in this process's batch) counts as zero."""
+    processes = world()[1]
+    if processes == 1:
+        return
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params])
+    sum_over_processes(flat.div_(processes))
+    for p, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = piece.view_as(p)
+
+
+def non_finite(loss: float, params: dict[str, nn.Parameter], check_gradients: bool) -> list[str]:
+    """What is NaN/Inf after a step's backward: the loss, then the gradients by parameter name."""
+    problems = [] if math.isfinite(loss) else [f"loss {loss}"]
+    if check_gradients:
+        bad = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        problems += [f"gradient of {len(bad)} tensors: {', '.join(bad[:8])}{', …' if len(bad) > 8 else ''}"] * bool(bad)
+    return problems
+
+
+def skip_or_stop(
+    problems: list[str], batch: dict[str, torch.Tensor], progress: Progress, config: TrainConfig, where: str
+) -> None:
+    """Count a bad step; past --max-bad-steps raise NonFiniteError naming the step, the tensors and the inputs."""
+    progress.bad_steps += 1
+    inputs = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    message = f"{where}: non-finite {'; '.join(problems)}" + (
+        f"; NaN/Inf in the input {', '.join(inputs)}" if inputs else ""
+    )
+    if progress.bad_steps > config.max_bad_steps:
+        raise NonFiniteError(
+            f"{message}. Stopped ({progress.bad_steps} bad steps, --max-bad-steps {config.max_bad_steps}); "
+            "the last resume point written before this step is kept"
+        )
+    print(f"{message}: step skipped ({progress.bad_steps} of --max-bad-steps {config.max_bad_steps})")
+
+
+CHECKPOINT_KEYS = ("progress", "trainable", "optimizer", "scheduler", "scaler", "rng", "config")
+
+
+def save_checkpoint(path: Path, model: nn.Module, progress: Progress, config: TrainConfig, **stateful: Any) -> None:
+    """state.pt (main process only, atomically): trainable tensors, the ``stateful`` objects' state dicts
+    (optimizer, scheduler, scaler), RNG states, the progress and the config: all a resume needs."""
+    if not is_main():
+        return
+    state = dict(
+        progress=dataclasses.asdict(progress),
+        trainable=trainable_state(model),
+        rng=get_rng_state(),
+        config=dataclasses.asdict(config),
+        **{name: obj.state_dict() for name, obj in stateful.items()},
+    )
+    with staged(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model: nn.Module, **stateful: Any) -> Progress:
+    """Restore what save_checkpoint wrote; errors name the file and what does not fit."""
+    state = read_torch_file(path, "train.py checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CorruptFileError(f"{path} is not a checkpoint of this train.py: it lacks {', '.join(missing)}")
+    problems = state_dict_problems(trainable_state(model), state["trainable"])
+    if problems:
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state["trainable"], strict=False)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])
 
 
 def fit(
@@ -252,62 +499,77 @@ def fit(
     describe: str = "train",
 ) -> list[dict[str, float]]:
     """Train ``model``'s trainable parameters to minimise ``loss_fn(batch)`` with AdamW + warm-up/cosine;
-    after each epoch, ``evaluate()`` gives the validation accuracy and the best epoch's trainable
-    parameters are restored at the end. With ``checkpoint``, the state after every epoch is written
-    there (atomically) and training resumes from it if it exists; with ``metrics``, one JSON line per
-    epoch is written there. Returns one metrics dict per epoch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    loader_generator = torch.Generator().manual_seed(config.seed)
-    loader = batches(data, config, loader_generator)
-    scheduler = cosine_schedule(optimizer, epochs * len(loader), config.warmup)
-    history: list[dict[str, float]] = []
-    best = (-1.0, trainable_state(model))
+    ``batch`` holds "draws" (B, 2) uniforms (step_draws) beside the data. After each epoch, ``evaluate()``
+    gives the validation accuracy; the best epoch's trainable parameters are restored at the end.
+
+    With ``checkpoint``, the state is written there every --save-every steps, after every epoch and on
+    SIGINT/SIGTERM (then Interrupted is raised), and training resumes from it exactly if it exists; with
+    ``metrics``, one JSON line per epoch is written there. Returns one metrics dict per epoch."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=config.weight_decay)
+    steps = steps_per_epoch(data, config)
+    scheduler = cosine_schedule(optimizer, epochs * steps, config.warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")  # skips inf steps itself
+    stateful = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    progress = Progress(best=trainable_state(model))
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader_generator.set_state(state["loader_rng"])
-        set_rng_state(state["rng"])
-        history, best = state["history"], (state["best_accuracy"], state["best"])
-        print(f"{describe}: resumed from {checkpoint} after epoch {len(history)}")
-    for epoch in range(len(history), epochs):
-        model.train()
-        start, losses = time.perf_counter(), []
-        for batch in tqdm(loader, desc=f"{describe} epoch {epoch + 1}/{epochs}", leave=False, mininterval=5):
-            loss = loss_fn(to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        model.eval()
-        val = evaluate()
-        history.append(
-            dict(epoch=epoch + 1, loss=float(np.mean(losses)), val_accuracy=val, seconds=time.perf_counter() - start)
-        )
-        if val > best[0]:
-            best = (val, trainable_state(model))
-        print(f"{describe} epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}  val accuracy {val:.4f}")
-        if checkpoint is not None:
-            state = dict(
-                trainable=trainable_state(model),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                loader_rng=loader_generator.get_state(),
-                rng=get_rng_state(),
-                history=history,
-                best_accuracy=best[0],
-                best=best[1],
+        progress = load_checkpoint(checkpoint, model, **stateful)
+        print(f"{describe}: resumed from {checkpoint} at epoch {progress.epoch + 1} step {progress.step + 1}")
+    with StopSignals() as stop:
+        for epoch in range(progress.epoch, epochs):
+            model.train()
+            start = time.perf_counter()
+            loader = batches(data, config, epoch_order(data, config, epoch, progress.step))
+            bar = tqdm(
+                loader, desc=f"{describe} epoch {epoch + 1}/{epochs}", leave=False, mininterval=5, disable=not is_main()
             )
-            with staged(checkpoint) as tmp:
-                torch.save(state, tmp)
-        if metrics is not None:
-            with staged(metrics) as tmp:
-                tmp.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
-    model.load_state_dict(best[1], strict=False)
-    return history
+            for step, batch in enumerate(bar, start=progress.step):
+                batch = to_device(batch | {"draws": step_draws(config, epoch, step, len(batch["label"]))}, device)
+                with autocast(config, device):
+                    loss = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                average_gradients(list(params.values()))
+                totals = sum_over_processes(
+                    torch.stack([loss.detach().float(), torch.tensor(float(stop.received), device=device)])
+                )
+                mean_loss, stopping = totals[0].item() / world()[1], bool(totals[1])
+                problems = non_finite(mean_loss, params, check_gradients=not scaler.is_enabled())
+                if problems:
+                    skip_or_stop(
+                        problems, batch, progress, config, f"{describe} epoch {epoch + 1} step {step + 1}/{steps}"
+                    )
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    progress.losses.append(mean_loss)
+                scheduler.step()
+                progress.step = step + 1
+                due = config.save_every and (epoch * steps + step + 1) % config.save_every == 0
+                if checkpoint is not None and (due or stopping):
+                    save_checkpoint(checkpoint, model, progress, config, **stateful)
+                if stopping:
+                    where = f"at epoch {epoch + 1} step {step + 1}" + (
+                        f"; resume point {checkpoint}" if checkpoint else ""
+                    )
+                    print(f"{describe}: stopped {where}")
+                    raise Interrupted(128 + (stop.received or signal.SIGTERM))
+            model.eval()
+            val = evaluate()
+            loss = float(np.mean(progress.losses)) if progress.losses else math.nan
+            progress.history.append(
+                dict(epoch=epoch + 1, loss=loss, val_accuracy=val, seconds=time.perf_counter() - start)
+            )
+            if val > progress.best_accuracy:
+                progress.best_accuracy, progress.best = val, trainable_state(model)
+            progress.epoch, progress.step, progress.losses = epoch + 1, 0, []
+            print(f"{describe} epoch {epoch + 1}/{epochs}: loss {loss:.4f}  val accuracy {val:.4f}")
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, progress, config, **stateful)
+            if metrics is not None:
+                write_text(metrics, "".join(json.dumps(row) + "\n" for row in progress.history))
+    model.load_state_dict(progress.best, strict=False)
+    return progress.history
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -357,6 +619,8 @@ def unimodal_cache_key(config: TrainConfig, modality: str) -> str:
         epochs=config.unimodal_epochs, lr=config.unimodal_lr, batch_size=config.batch_size,
         weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed,
     )  # fmt: skip
+    if config.precision != "fp32":  # only then, so that fp32 keys stay those of earlier versions
+        facts["precision"] = config.precision
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -366,14 +630,16 @@ def unimodal_model(
     """Stage 1: ``modality``'s unimodal model and its record (accuracies, checkpoint hash), cached.
 
     A given pretrained encoder is frozen and only the head trains; otherwise the whole model trains.
-    The cache folder holds the encoder (HF layout), head.safetensors and record.json.
+    The cache folder holds the encoder (HF layout), head.safetensors and record.json; while it trains,
+    its resume point is FOLDER.state.pt (the same training for every run with this key).
     """
     name, pretrained = config.model_for(modality)
     folder = Path(config.cache_dir) / f"unimodal-{modality}-{name}-{unimodal_cache_key(config, modality)}"
+    partial = folder.with_name(folder.name + ".state.pt")
     encoder_class = type(create_model(name))
     if (folder / "record.json").is_file():
         model = UnimodalClassifier(encoder_class.from_pretrained(folder / "encoder"), num_classes)
-        model.head.load_state_dict(load_file(folder / "head.safetensors"))
+        model.head.load_state_dict(read_safetensors(folder / "head.safetensors", "cached head"))
         record = json.loads(read_text(folder / "record.json"))
         print(f"stage 1 [{modality}]: cached unimodal model {folder} (test accuracy {record['test_accuracy']:.4f})")
         return model.to(device).eval(), record
@@ -393,17 +659,27 @@ def unimodal_model(
         model,
         lambda batch: F.cross_entropy(model(batch[modality]), batch["label"]),
         lambda: accuracy(logits_of("val"), labels["val"]),
-        splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device, describe=f"stage 1 [{modality}]",
+        splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device,
+        checkpoint=partial, describe=f"stage 1 [{modality}]",
     )  # fmt: skip
     record = dict(modality=modality, model=name, pretrained=pretrained, history=history)
     record |= {f"{split}_accuracy": accuracy(logits_of(split), labels[split]) for split in ("val", "test")}
+    record["encoder_sha256"] = publish_unimodal(model, record, folder)
+    partial.unlink(missing_ok=True)
+    print(f"stage 1 [{modality}]: test accuracy {record['test_accuracy']:.4f}; cached in {folder}")
+    return model.eval(), record
+
+
+def publish_unimodal(model: UnimodalClassifier, record: dict[str, Any], folder: Path) -> str:
+    """Write the cache folder (main process only; atomically) and return the encoder's sha256."""
+    if not is_main():
+        return ""
     with staged(folder, folder=True) as tmp:
         model.encoder.save_pretrained(tmp / "encoder")
         save_file(trainable_state(model.head), tmp / "head.safetensors")
-        record["encoder_sha256"] = sha256(tmp / "encoder" / "model.safetensors")
-        (tmp / "record.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    print(f"stage 1 [{modality}]: test accuracy {record['test_accuracy']:.4f}; cached in {folder}")
-    return model.eval(), record
+        digest = sha256(tmp / "encoder" / "model.safetensors")
+        (tmp / "record.json").write_text(json.dumps(record | {"encoder_sha256": digest}, indent=2), encoding="utf-8")
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
@@ -425,7 +701,7 @@ def u2a_model(
 def u2a_loss(model: MultimodalClassifier, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
     """Cross-entropy with modality dropout + align_weight · alignment loss of the Mask Tokens."""
     labels = batch["label"]
-    missing = drop_modalities(len(labels), len(model.modalities), config.missing_train_rate).to(labels.device)
+    missing = drop_modalities(batch["draws"], len(model.modalities), config.missing_train_rate)
     output = model({m: batch[m] for m in model.modalities}, missing)
     return F.cross_entropy(output.logits, labels) + config.align_weight * alignment_loss(output)
 
@@ -440,12 +716,14 @@ def save_adapter_checkpoint(model: MultimodalClassifier, path: Path, config: Tra
         "config": config.to_json(),
         "encoder_sha256": json.dumps({m: record["encoder_sha256"] for m, record in records.items()}),
     }
+    if not is_main():
+        return
     with staged(path) as tmp:
         save_file(trainable_state(model), tmp, metadata=metadata)
 
 
 def load_adapter_checkpoint(model: MultimodalClassifier, path: Path) -> None:
-    tensors = load_file(path)
+    tensors = read_safetensors(path, "adapter checkpoint")
     problems = state_dict_problems(trainable_state(model), tensors)
     if problems:
         raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
@@ -551,7 +829,10 @@ def results_table(results: dict[str, Any], config: TrainConfig) -> str:
 
 
 def plot(history: list[dict[str, float]], records: dict[str, dict], results: dict[str, Any], run_dir: Path) -> None:
-    """curves.png (loss and validation accuracy per epoch) and missing.png (accuracy vs missing rate)."""
+    """curves.png (loss and validation accuracy per epoch) and missing.png (accuracy vs missing rate);
+    main process only."""
+    if not is_main():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -583,6 +864,9 @@ def plot(history: list[dict[str, float]], records: dict[str, dict], results: dic
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically (main process only)."""
+    if not is_main():
+        return
     with staged(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
@@ -591,14 +875,23 @@ def write_text(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Check the inputs, set up the device (and the process group under torchrun), run, tear down."""
     config, resume = parse_args(argv)
     run_dir = resume or Path(config.out_dir) / config.run_name
     if resume is None and run_dir.exists():
         raise FileExistsError(f"{run_dir} exists: continue it with --resume {run_dir}, or pick another --name")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
-    print(f"{config}\nrun folder {run_dir}, device {device}")
+    check_paths(config)
+    device = setup_device(config)  # under torchrun, every process has passed the checks above after this
+    try:
+        return run(config, run_dir, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Stage 1, U2A, test and report into ``run_dir``; returns the test results."""
+    print(f"{config}\nrun folder {run_dir}, device {device}, processes {world()[1]}")
     write_text(run_dir / "config.json", config.to_json())
 
     splits, modalities, num_classes = load_splits(config)

@@ -216,8 +216,22 @@ class LoRAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
 
 
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under torch.autocast, each floating tensor cast to the autocast dtype (as F.linear would); else as is.
+
+    The casts are differentiable, so fp32 master A and B receive fp32 gradients; the kernels then see
+    one dtype and run with autocast off."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed, slots) -> torch.Tensor:
-    """Validate the arguments, draw a dropout seed if needed, and run LoRAFunction."""
+    """Validate the arguments, draw a dropout seed if needed, and run LoRAFunction (in the autocast
+    dtype under torch.autocast)."""
+    x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     check_lora_inputs(x, weight, bias, lora_a, lora_b, slots)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -226,7 +240,8 @@ def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed
     dropout_p = dropout_p if training else 0.0
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
-    return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed or 0, slots)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed or 0, slots)
 
 
 def lora_linear(

@@ -1,4 +1,5 @@
-"""File helpers shared by adapters, encoder checkpoints, data sets and training: atomic writes and key checks."""
+"""File helpers shared by adapters, encoder checkpoints, data sets and training: atomic, durable writes,
+checked reads and key checks."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 MAX_KEYS_SHOWN = 8  # per category in an error message: enough to recognise the architecture
 
@@ -30,16 +33,38 @@ def _temp_beside(dest: Path, folder: bool) -> Path:
     return Path(name)
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) from the OS cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder under ``path`` (or the file itself), children before parents."""
+    if path.is_dir():
+        for root, _, files in os.walk(path, topdown=False):
+            for name in files:
+                _fsync(Path(root) / name)
+            _fsync(Path(root))
+    else:
+        _fsync(path)
+
+
 @contextmanager
 def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary file (or folder) beside ``dest``; when the block succeeds, move it onto ``dest``
-    in one step (os.replace), when it fails, delete it. Readers never see a half-written ``dest``; if
-    another process published the same folder first, theirs is kept."""
+    """Yield a temporary file (or folder) beside ``dest``; when the block succeeds, fsync it, move it onto
+    ``dest`` in one step (os.replace) and fsync the parent folder; when it fails, delete it. Readers
+    never see a half-written ``dest``, a crash (even a power cut) leaves either the old or the new
+    ``dest``, and if another process published the same folder first, theirs is kept."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(dest, folder)
     tmp.chmod(0o755 if folder else 0o644)  # mkdtemp / mkstemp make them private; the cache is shared
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         _remove(tmp)
         raise
@@ -49,6 +74,39 @@ def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
         _remove(tmp)
         if not (folder and dest.is_dir()):
             raise
+    _fsync(dest.parent)
+
+
+class CorruptFileError(ValueError):
+    """A file that exists but cannot be read back whole (truncated, overwritten, not the expected format)."""
+
+
+def _corrupt(path: Path, what: str, error: Exception) -> CorruptFileError:
+    size = path.stat().st_size
+    return CorruptFileError(
+        f"{path} is not a readable {what} ({size:,} bytes; truncated or corrupt?): {type(error).__name__}: {error}"
+    )
+
+
+def read_torch_file(path: Path, what: str = "torch checkpoint") -> Any:
+    """torch.load(``path``) onto the CPU; a missing file raises FileNotFoundError, a truncated or
+    corrupt one CorruptFileError naming the file and its size. Unpickles: only for trusted files."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # zip, pickle and EOF errors alike: the file is not a whole checkpoint
+        raise _corrupt(path, what, error) from error
+
+
+def read_safetensors(path: Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    """safetensors' load_file(``path``) with the same errors as read_torch_file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(path)
+    except Exception as error:  # SafetensorError, or OSError on a header that points past the end
+        raise _corrupt(path, what, error) from error
 
 
 def state_dict_problems(
