@@ -59,6 +59,7 @@ from tqdm import tqdm
 from lowrank import LoRAConfig, add_lora, merge_lora, unmerge_lora
 from lowrank.io import CorruptFileError, read_safetensors, read_torch_file, staged, state_dict_problems
 from mmdata import DATASETS, get_dataset
+from mmdata.standardize import Standardized, input_statistics
 from models import MODEL_REGISTRY, TransformerEncoder, create_model
 from models.multimodal import MISSING_FILLS, MultimodalClassifier, UnimodalClassifier, alignment_loss
 
@@ -258,12 +259,14 @@ def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
 
 
 def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...], int]:
-    """({split: data set}, modalities, number of classes)."""
+    """({split: data set, inputs standardised with the training split's statistics}, modalities, classes)."""
     splits = {split: get_dataset(config.dataset, split, config.data_dir) for split in ("train", "val", "test")}
     first = splits["train"][0]
     modalities = tuple(k for k in first if k != "label")
     labels = torch.as_tensor([int(splits["train"][i]["label"]) for i in range(len(splits["train"]))])
-    return splits, modalities, int(labels.max()) + 1
+    statistics = input_statistics(splits["train"], modalities)
+    print("input mean, std: " + ", ".join(f"{m} {mean:.4f}, {std:.4f}" for m, (mean, std) in statistics.items()))
+    return {k: Standardized(v, statistics) for k, v in splits.items()}, modalities, int(labels.max()) + 1
 
 
 def batches(data: Dataset, config: TrainConfig, order: list[int] | None = None) -> DataLoader:
@@ -617,7 +620,7 @@ def unimodal_cache_key(config: TrainConfig, modality: str) -> str:
         dataset=config.dataset, data_dir=config.data_dir, modality=modality, model=model,
         checkpoint=None if checkpoint is None else sha256(encoder_checkpoint_file(checkpoint)),
         epochs=config.unimodal_epochs, lr=config.unimodal_lr, batch_size=config.batch_size,
-        weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed,
+        weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed, inputs="standardized",
     )  # fmt: skip
     if config.precision != "fp32":  # only then, so that fp32 keys stay those of earlier versions
         facts["precision"] = config.precision
