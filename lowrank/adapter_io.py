@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lowrank.config import LoRAConfig
 from lowrank.inject import add_lora
-from lowrank.io import staged, state_dict_problems
+from lowrank.io import read_json, read_safetensors, staged, state_dict_problems
 from lowrank.state import lora_layers, lora_state_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,24 +45,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
     """The LoRAConfig stored in an adapter directory; clear errors for a missing or corrupt file."""
     file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"no adapter config at {file}; is {path} an adapter saved by save_adapter?")
-    try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"corrupt adapter config {file}: {error}") from error
+    document = read_json(file, f"; is {path} an adapter saved by save_adapter?")
     if not isinstance(document, dict) or document.get("format") != FORMAT or "config" not in document:
         raise ValueError(f"{file} is not a lowrank adapter config (expected format {FORMAT!r})")
     return LoRAConfig.from_dict(document["config"])
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise FileNotFoundError(f"no adapter weights at {file}")
-    try:
-        return load_file(file)
-    except Exception as error:  # safetensors raises several types for corrupt/truncated files
-        raise ValueError(f"corrupt or truncated adapter weights {file}: {error}") from error
 
 
 @torch.no_grad()
@@ -78,7 +64,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if any(layer.merged for layer in lora_layers(model)):
         raise RuntimeError("cannot load an adapter into merged layers; call unmerge_lora(model) first")
     file = Path(path) / WEIGHTS_FILE
-    tensors = _read_tensors(file)
+    tensors = read_safetensors(file, "adapter weights")
     own = lora_state_dict(model)
     problems = state_dict_problems(own, tensors)
     if problems:

@@ -3,6 +3,7 @@ checked reads and key checks."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -107,6 +108,17 @@ def read_safetensors(path: Path, what: str = "safetensors file") -> dict[str, to
         return load_file(path)
     except Exception as error:  # SafetensorError, or OSError on a header that points past the end
         raise _corrupt(path, what, error) from error
+
+
+def read_json(path: Path, missing_hint: str = "") -> Any:
+    """The parsed JSON document in ``path``; FileNotFoundError (plus ``missing_hint``) when absent,
+    CorruptFileError naming the file when it is not valid UTF-8 JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found{missing_hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _corrupt(path, "JSON file", error) from error
 
 
 def state_dict_problems(

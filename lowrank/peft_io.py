@@ -35,10 +35,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kernels.lora_qkv import PROJECTIONS
-from lowrank.adapter_io import CONFIG_FILE, WEIGHTS_FILE, _read_tensors
+from lowrank.adapter_io import CONFIG_FILE, WEIGHTS_FILE
 from lowrank.config import LoRAConfig
 from lowrank.inject import TARGET_PATTERNS, add_lora
-from lowrank.io import MAX_KEYS_SHOWN, staged, state_dict_problems
+from lowrank.io import MAX_KEYS_SHOWN, read_json, read_safetensors, staged, state_dict_problems
 from lowrank.layer import LoRALayer
 from lowrank.qkv import LoRAQKVLinear
 from lowrank.state import lora_layers
@@ -178,12 +178,7 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     DoRA and the other UNSUPPORTED_OPTIONS, trained biases, base-changing inits, per-module ranks or alphas.
     """
     file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"no adapter config at {file}; is {path} a peft adapter directory?")
-    try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"corrupt adapter config {file}: {error}") from error
+    document = read_json(file, f"; is {path} a peft adapter directory?")
     if not isinstance(document, dict) or "peft_type" not in document:
         raise ValueError(f"{file} is not a peft adapter config (no peft_type); lowrank's own adapters use load_adapter")
     if document["peft_type"] != "LORA":
@@ -276,7 +271,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     settings = read_peft_config(path)
     file = Path(path) / WEIGHTS_FILE
-    tensors = _read_tensors(file)
+    tensors = read_safetensors(file, "adapter weights")
     not_lora = {key: tensor for key, tensor in tensors.items() if not PEFT_KEY.fullmatch(key)}
     if not_lora or not tensors:
         found = "; ".join(state_dict_problems({}, not_lora)) or "no tensors"
