@@ -39,6 +39,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -61,7 +62,14 @@ from lowrank.io import CorruptFileError, read_safetensors, read_torch_file, stag
 from mmdata import DATASETS, get_dataset
 from mmdata.standardize import Standardized, input_statistics
 from models import MODEL_REGISTRY, TransformerEncoder, create_model
-from models.multimodal import MISSING_FILLS, MultimodalClassifier, UnimodalClassifier, alignment_loss
+from models.multimodal import (
+    MISSING_FILLS,
+    MultimodalClassifier,
+    SharedHeadEnsemble,
+    UnimodalClassifier,
+    alignment_loss,
+    head_shares,
+)
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -81,6 +89,7 @@ def names(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    method: str = option("u2a", "stage 2: u2a, unimodal, linear-probe, late-fusion, ogm-ge, mmlora or mie (METHODS)")
     dataset: str = option("avmnist-mini", "data set name (mmdata.DATASETS)")
     data_dir: str | None = option(None, "prepared data folder (AV-MNIST: MultiBench layout); default: build it")
     image_model: str = option("vit_avmnist_tiny", "encoder architecture for images (models registry)")
@@ -102,6 +111,12 @@ class TrainConfig:
     align_weight: float = option(0.2, "weight λ of the Mask Token alignment loss")
     mask_tokens_visible: bool = option(False, "let the present modality's tokens attend to the Mask Token")
     missing_test: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "test missing rates", floats)
+    ogm_alpha: float = option(0.8, "ogm-ge: α in the gradient coefficient 1 - tanh(α·ρ)")
+    sam_rho: str = option("image=1e-15,audio=1e-10,text=1e-15", "mie: SAM radius ρ per modality")
+    sam_mix: float = option(0.3, "mie: weight of the perturbed loss L(θ+ε) (IGM's flat_ratio)")
+    igm_tau: float = option(0.4, "mie: temperature τ of the gradient modification T(k)")
+    stage_epochs: int = option(2, "mie: epochs of each modality's stage (stages alternate; --epochs in all)")
+    full: bool = option(False, "mie: fine-tune the whole encoders instead of LoRA adapters")
     seed: int = option(0, "seed of initialisation, data order and modality dropout")
     device: str = option("auto", "cpu, cuda, cuda:N; auto picks CUDA when available")
     precision: str = option("fp32", "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler); weights stay fp32")
@@ -126,14 +141,29 @@ class TrainConfig:
             f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {self.precision!r}": self.precision
             in AUTOCAST_DTYPES,
             "save_every and max_bad_steps must be ≥ 0": min(self.save_every, self.max_bad_steps) >= 0,
+            f"unknown method {self.method!r}; known: {', '.join(METHODS)}": self.method in METHODS,
+            "ogm_alpha must be > 0, sam_mix in [0, 1], igm_tau > 0, stage_epochs ≥ 1": self.ogm_alpha > 0
+            and 0 <= self.sam_mix <= 1
+            and self.igm_tau > 0
+            and self.stage_epochs >= 1,
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
             raise ValueError("bad config: " + "; ".join(problems))
+        self.rho()
 
     @property
     def run_name(self) -> str:
-        return self.name or f"u2a-{self.dataset}-r{self.rank}-s{self.seed}"
+        return self.name or f"{self.method}-{self.dataset}-r{self.rank}-s{self.seed}"
+
+    def rho(self) -> dict[str, float]:
+        """--sam-rho as {modality: ρ}; a malformed value raises naming it."""
+        try:
+            return {m.strip(): float(v) for m, v in (item.split("=") for item in self.sam_rho.split(","))}
+        except ValueError as error:
+            raise ValueError(
+                f"bad config: sam_rho must look like image=1e-15,audio=1e-10, got {self.sam_rho!r}"
+            ) from error
 
     def model_for(self, modality: str) -> tuple[str, str | None]:
         """(architecture name, pretrained checkpoint or None) of ``modality``'s encoder."""
@@ -488,9 +518,45 @@ def load_checkpoint(path: Path, model: nn.Module, **stateful: Any) -> Progress:
     return Progress(**state["progress"])
 
 
+Scale = Callable[[torch.Tensor], torch.Tensor]  # the grad scaler's scale (identity unless fp16)
+
+
+class Objective:
+    """What fit minimises, one step at a time: ``loss(batch)``; ``backward`` leaves the step's gradients in
+    ``.grad`` and ``modify_gradients`` may change them before they are averaged and applied (methods
+    override these two hooks). ``batch`` holds "draws" (B, 2) uniforms (step_draws) beside the data."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, batch: dict[str, torch.Tensor], scale: Scale) -> torch.Tensor:
+        """loss under --precision's autocast, then ∇ scale(loss); returns the loss."""
+        with autocast(self.config, batch["label"].device):
+            loss = self.loss(batch)
+        scale(loss).backward()
+        return loss
+
+    def modify_gradients(self) -> None:
+        """Called after backward, before the gradients are averaged over the processes: nothing by default."""
+
+
+class LossFunction(Objective):
+    """An Objective made of a plain loss function of the batch."""
+
+    def __init__(self, config: TrainConfig, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        super().__init__(config)
+        self.loss_fn = loss_fn
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(batch)
+
+
 def fit(
     model: nn.Module,
-    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    objective: Objective,
     evaluate: Callable[[], float],
     data: Dataset,
     config: TrainConfig,
@@ -501,8 +567,8 @@ def fit(
     metrics: Path | None = None,
     describe: str = "train",
 ) -> list[dict[str, float]]:
-    """Train ``model``'s trainable parameters to minimise ``loss_fn(batch)`` with AdamW + warm-up/cosine;
-    ``batch`` holds "draws" (B, 2) uniforms (step_draws) beside the data. After each epoch, ``evaluate()``
+    """Train ``model``'s trainable parameters to minimise ``objective`` with AdamW + warm-up/cosine.
+    After each epoch, ``evaluate()``
     gives the validation accuracy; the best epoch's trainable parameters are restored at the end.
 
     With ``checkpoint``, the state is written there every --save-every steps, after every epoch and on
@@ -528,10 +594,9 @@ def fit(
             )
             for step, batch in enumerate(bar, start=progress.step):
                 batch = to_device(batch | {"draws": step_draws(config, epoch, step, len(batch["label"]))}, device)
-                with autocast(config, device):
-                    loss = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                loss = objective.backward(batch, scaler.scale)
+                objective.modify_gradients()
                 average_gradients(list(params.values()))
                 totals = sum_over_processes(
                     torch.stack([loss.detach().float(), torch.tensor(float(stop.received), device=device)])
@@ -660,7 +725,7 @@ def unimodal_model(
 
     history = fit(
         model,
-        lambda batch: F.cross_entropy(model(batch[modality]), batch["label"]),
+        LossFunction(config, lambda batch: F.cross_entropy(model(batch[modality]), batch["label"])),
         lambda: accuracy(logits_of("val"), labels["val"]),
         splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device,
         checkpoint=partial, describe=f"stage 1 [{modality}]",
@@ -688,19 +753,6 @@ def publish_unimodal(model: UnimodalClassifier, record: dict[str, Any], folder: 
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-def u2a_model(
-    config: TrainConfig, unimodal: dict[str, UnimodalClassifier], num_classes: int, device: torch.device
-) -> MultimodalClassifier:
-    """Copies of the unimodal encoders, frozen, with LoRA; a new fusion head and Mask Tokens."""
-    seed_everything(config.seed)
-    encoders: dict[str, TransformerEncoder] = {m: copy.deepcopy(u.encoder) for m, u in unimodal.items()}
-    model = MultimodalClassifier(encoders, num_classes, config.mask_tokens_visible)
-    lora = LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=config.targets)
-    for encoder in model.encoders.values():
-        add_lora(encoder, lora)
-    return model.to(device)
-
-
 def u2a_loss(model: MultimodalClassifier, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
     """Cross-entropy with modality dropout + align_weight · alignment loss of the Mask Tokens."""
     labels = batch["label"]
@@ -709,12 +761,280 @@ def u2a_loss(model: MultimodalClassifier, batch: dict[str, torch.Tensor], config
     return F.cross_entropy(output.logits, labels) + config.align_weight * alignment_loss(output)
 
 
-def fused(model: MultimodalClassifier, fill: str = "mask-token") -> Logits:
+def fused(model: MultimodalClassifier | SharedHeadEnsemble, fill: str = "mask-token") -> Logits:
     return lambda batch, missing: model({m: batch[m] for m in model.modalities}, missing, fill).logits
 
 
-def save_adapter_checkpoint(model: MultimodalClassifier, path: Path, config: TrainConfig, records: dict) -> None:
-    """adapters + head + Mask Tokens (safetensors), with the config and the encoders' sha256 as metadata."""
+def adapt_encoders(encoders: nn.ModuleDict, config: TrainConfig, tuning: str) -> None:
+    """Make the encoders train as ``tuning`` says: "lora" (frozen, with LoRA rank r on --targets), "full"
+    (every parameter) or "frozen" (none)."""
+    if tuning not in ("lora", "full", "frozen"):
+        raise ValueError(f"tuning must be lora, full or frozen, got {tuning!r}")
+    lora = LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=config.targets)
+    for encoder in encoders.values():
+        if tuning == "lora":
+            add_lora(encoder, lora)
+        else:
+            encoder.requires_grad_(tuning == "full")
+
+
+class Method(Objective):
+    """One --method of stage 2: the model it builds on copies of the stage-1 encoders (every method starts
+    from the same ones), its loss and gradient hooks (Objective), how it trains, and the ways of filling in
+    a missing modality that apply to it (``fills``; the unimodal fallback applies to all)."""
+
+    title = ""
+    fills: tuple[str, ...] = ("zero-input", "zero-feature")
+    model: nn.Module
+
+    def build(
+        self, unimodal: dict[str, UnimodalClassifier], num_classes: int, device: torch.device
+    ) -> MultimodalClassifier | SharedHeadEnsemble:
+        raise NotImplementedError
+
+    def train(self, splits: dict[str, Dataset], device: torch.device, run_dir: Path) -> list[dict[str, float]]:
+        """One fit of the trainable parameters over --epochs, keeping the best epoch by validation accuracy."""
+        return fit(
+            self.model, self, self.validation(splits, device), splits["train"], self.config, self.config.epochs,
+            self.config.lr, device, checkpoint=run_dir / "state.pt", metrics=run_dir / "metrics.jsonl",
+            describe=self.title,
+        )  # fmt: skip
+
+    def validation(self, splits: dict[str, Dataset], device: torch.device) -> Callable[[], float]:
+        """Validation accuracy of the model on complete data."""
+        labels = labels_of(splits["val"], self.config)
+        return lambda: accuracy(predict(fused(self.model, self.fills[0]), splits["val"], self.config, device), labels)
+
+
+class Unimodal(Method):
+    """Each stage-1 unimodal model alone (the reference rows): nothing trains in stage 2."""
+
+    title = "unimodal"
+
+
+class LateFusion(Method):
+    """Full fine-tuning of every encoder and a linear head on concat_m(h_m), cross-entropy on complete data."""
+
+    title = "late fusion"
+    tuning = "full"
+
+    def build(
+        self, unimodal: dict[str, UnimodalClassifier], num_classes: int, device: torch.device
+    ) -> MultimodalClassifier:
+        """Copies of the unimodal encoders (tuned as ``tuning`` says), a new fusion head; Mask Tokens only
+        where ``fills`` has them (else frozen and unused)."""
+        seed_everything(self.config.seed)
+        encoders: dict[str, TransformerEncoder] = {m: copy.deepcopy(u.encoder) for m, u in unimodal.items()}
+        model = MultimodalClassifier(encoders, num_classes, self.config.mask_tokens_visible)
+        for tokens in (model.mask_tokens, model.token_in, model.token_out):
+            tokens.requires_grad_("mask-token" in self.fills)
+        adapt_encoders(model.encoders, self.config, self.tuning)
+        self.model = model.to(device)
+        return self.model
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self.model({m: batch[m] for m in self.model.modalities}).logits, batch["label"])
+
+
+class LinearProbe(LateFusion):
+    """Frozen encoders; only the linear fusion head trains."""
+
+    title = "linear probe"
+    tuning = "frozen"
+
+
+class MMLoRA(LateFusion):
+    """MMLoRA (Du et al.): the stage-1 unimodal models, frozen, with LoRA; adapters + fusion head train
+    jointly on complete data. No Mask Tokens, no modality dropout."""
+
+    title = "MMLoRA"
+    tuning = "lora"
+
+
+class U2A(MMLoRA):
+    """U2A: LoRA on every frozen encoder, the fusion head and one Mask Token per modality train jointly, with
+    --missing-train-rate modality dropout and the alignment loss (DESIGN.md §4)."""
+
+    title = "U2A"
+    fills = MISSING_FILLS
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return u2a_loss(self.model, batch, self.config)
+
+
+def ogm_coefficients(shares: dict[str, torch.Tensor], labels: torch.Tensor, alpha: float) -> dict[str, float]:
+    """OGM-GE's coefficient k_m ∈ (0, 1] of each modality (Peng et al., CVPR 2022, Eq. 10), from the
+    per-modality logits ``shares`` (B, C):
+
+        s_m = Σ_i softmax(share_m)_i[y_i],   ρ_m = s_m / mean_{n≠m} s_n,
+        k_m = 1 − tanh(α·ρ_m) if ρ_m > 1 else 1
+
+    1 − tanh(x) is computed as 2e^{−2x} / (1 + e^{−2x}), which stays > 0 where tanh rounds to 1."""
+    scores = {m: share.float().softmax(1).gather(1, labels[:, None]).sum().item() for m, share in shares.items()}
+    coefficients = {}
+    for m, score in scores.items():
+        ratio = score / statistics.fmean(s for n, s in scores.items() if n != m)
+        decay = math.exp(-2 * alpha * ratio)
+        coefficients[m] = 2 * decay / (1 + decay) if ratio > 1 else 1.0
+    return coefficients
+
+
+class OGMGE(LateFusion):
+    """OGM-GE (on-the-fly gradient modulation with generalisation enhancement; GeWu-Lab/OGM-GE_CVPR2022) on
+    late fusion: each step, every trainable tensor of encoder m has its gradient g replaced by
+
+        g ← k_m · g + N(0, σ(g)²)     (k_m: ogm_coefficients, α = --ogm-alpha; σ(g): g's own spread)
+
+    so the modality that dominates the batch learns slower, and noise keeps its generalisation. The
+    published code modulates the conv kernels of ResNets; here every encoder parameter."""
+
+    title = "OGM-GE"
+    coefficients: dict[str, float]
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        output = self.model({m: batch[m] for m in self.model.modalities})
+        with torch.no_grad():
+            shares = head_shares(self.model.head, output.features)
+            self.coefficients = ogm_coefficients(shares, batch["label"], self.config.ogm_alpha)
+        return F.cross_entropy(output.logits, batch["label"])
+
+    @torch.no_grad()
+    def modify_gradients(self) -> None:
+        for m, k in self.coefficients.items():
+            for p in self.model.encoders[m].parameters():
+                if p.grad is not None:
+                    p.grad = k * p.grad + torch.randn_like(p.grad) * (p.grad.std(correction=0) + 1e-8)
+
+
+def igm_projection(second_moment: torch.Tensor, tau: float) -> torch.Tensor:
+    """IGM's gradient modification T(k) (in, in) from Σ z̄ z̄ᵀ (in, in) of modality k's head inputs:
+
+        Σ z̄ z̄ᵀ = V diag(λ) Vᵀ,   T(k) = V · diag(exp(−τ (λ − λmin) / (λmax − λmin))) · Vᵀ
+
+    symmetric, eigenvalues in [e^{−τ}, 1]: the directions modality k's features use most are damped most
+    (all equal: T = I)."""
+    eigenvalues, vectors = torch.linalg.eigh(second_moment.double())
+    span = eigenvalues.max() - eigenvalues.min()
+    scaled = (eigenvalues - eigenvalues.min()) / span if span > 0 else torch.zeros_like(eigenvalues)
+    t = (vectors * torch.exp(-tau * scaled)) @ vectors.T
+    return ((t + t.T) / 2).to(second_moment.dtype)
+
+
+class MIE(Method):
+    """MIE / IGM (modal-aware interactive enhancement, IJCAI-25; njustkmg/IJCAI25-IGM): encoders of one width
+    and one shared head (SharedHeadEnsemble), trained in alternating modality stages of --stage-epochs, each
+    on head(E_l(x_l)) from the best weights so far with a fresh optimiser. Per step of modality l:
+
+    1. SAM: g = ∇L(θ); ε = ρ_l · g / ‖g‖ per tensor (ρ_l: --sam-rho); the step's gradient is
+       (1 − μ) ∇L(θ) + μ ∇L(θ + ε), μ = --sam-mix, taken at θ + ε and applied to the restored θ.
+    2. From the second stage on, each head Linear layer's weight gradient G (out, in) ← G · T(k) (igm_projection)
+       of the modality k of the previous stage, from its best model over the training set.
+
+    Encoders train through LoRA, or whole with --full. The published code also mixes up the inputs
+    (mixup α = 1); left out here, as in every other method, so that the data are the same for all."""
+
+    title = "MIE"
+    stage: str
+    projections: dict[nn.Linear, torch.Tensor]
+
+    def build(self, unimodal: dict[str, UnimodalClassifier], num_classes: int, device: torch.device) -> nn.Module:
+        unknown = set(unimodal) - self.config.rho().keys()
+        if unknown:
+            raise ValueError(f"--sam-rho {self.config.sam_rho!r} gives no ρ for {sorted(unknown)}")
+        seed_everything(self.config.seed)
+        model = SharedHeadEnsemble({m: copy.deepcopy(u.encoder) for m, u in unimodal.items()}, num_classes)
+        adapt_encoders(model.encoders, self.config, "full" if self.config.full else "lora")
+        self.model, self.stage, self.projections = model.to(device), model.modalities[0], {}
+        return self.model
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self.model.modality_logits(self.stage, batch[self.stage]), batch["label"])
+
+    def backward(self, batch: dict[str, torch.Tensor], scale: Scale) -> torch.Tensor:
+        """SAM's mixed gradient (1 − μ) ∇L(θ) + μ ∇L(θ + ε); the weights are θ again on return."""
+        mix, rho = self.config.sam_mix, self.config.rho()[self.stage]
+        with autocast(self.config, batch["label"].device):
+            clean = self.loss(batch)
+        scale((1 - mix) * clean).backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        origin = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                norm = p.grad.norm()
+                if norm > 0:
+                    p.add_(p.grad / norm, alpha=rho)  # ε = ρ g/‖g‖ (p.grad is g scaled by 1 − μ)
+        with autocast(self.config, batch["label"].device):
+            perturbed = self.loss(batch)
+        scale(mix * perturbed).backward()
+        with torch.no_grad():
+            for p, weight in zip(params, origin, strict=True):
+                p.copy_(weight)
+        return ((1 - mix) * clean + mix * perturbed).detach()
+
+    @torch.no_grad()
+    def modify_gradients(self) -> None:
+        for layer, t in self.projections.items():
+            if layer.weight.grad is not None:
+                layer.weight.grad = layer.weight.grad @ t
+
+    @torch.no_grad()
+    def head_projections(self, modality: str, data: Dataset, device: torch.device) -> dict[nn.Linear, torch.Tensor]:
+        """T(modality) of every head Linear layer, from Σ over the batches of z̄ z̄ᵀ, z̄ (1, in) the batch-mean
+        input of the layer when the model classifies ``modality``'s training data."""
+        layers = [layer for layer in self.model.head.modules() if isinstance(layer, nn.Linear)]
+        sums = {layer: torch.zeros(layer.in_features, layer.in_features, device=device) for layer in layers}
+
+        def accumulate(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            mean = inputs[0].float().mean(0, keepdim=True)  # z̄ (1, in)
+            sums[layer] += mean.T @ mean
+
+        hooks = [layer.register_forward_hook(accumulate) for layer in layers]
+        self.model.eval()
+        try:
+            for batch in batches(data, self.config):
+                self.model.modality_logits(modality, batch[modality].to(device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {layer: igm_projection(total, self.config.igm_tau) for layer, total in sums.items()}
+
+    def train(self, splits: dict[str, Dataset], device: torch.device, run_dir: Path) -> list[dict[str, float]]:
+        """The alternating stages; each resumes from its own state-stageN.pt. Returns one row per epoch."""
+        trained = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        best_accuracy, best = -1.0, trainable_state(self.model)
+        evaluate, history = self.validation(splits, device), []
+        modalities, stages = self.model.modalities, math.ceil(self.config.epochs / self.config.stage_epochs)
+        for i in range(stages):
+            self.model.load_state_dict(best, strict=False)
+            previous, self.stage = modalities[(i - 1) % len(modalities)], modalities[i % len(modalities)]
+            self.projections = self.head_projections(previous, splits["train"], device) if i else {}
+            for name, p in trained.items():
+                p.requires_grad_(name.startswith(("head.", f"encoders.{self.stage}.")))
+            epochs = min(self.config.stage_epochs, self.config.epochs - i * self.config.stage_epochs)
+            rows = fit(
+                self.model, self, evaluate, splits["train"], self.config, epochs, self.config.lr, device,
+                checkpoint=run_dir / f"state-stage{i + 1}.pt", describe=f"MIE stage {i + 1}/{stages} [{self.stage}]",
+            )  # fmt: skip
+            start = len(history)
+            history += [row | dict(epoch=start + row["epoch"], stage=i + 1) for row in rows]
+            write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+            for p in trained.values():
+                p.requires_grad_(True)
+            if max(row["val_accuracy"] for row in rows) > best_accuracy:
+                best_accuracy, best = max(row["val_accuracy"] for row in rows), trainable_state(self.model)
+        self.model.load_state_dict(best, strict=False)
+        return history
+
+
+METHODS: dict[str, type[Method]] = {
+    "u2a": U2A, "unimodal": Unimodal, "linear-probe": LinearProbe, "late-fusion": LateFusion,
+    "ogm-ge": OGMGE, "mmlora": MMLoRA, "mie": MIE,
+}  # fmt: skip
+
+
+def save_adapter_checkpoint(model: nn.Module, path: Path, config: TrainConfig, records: dict) -> None:
+    """The trained tensors (adapters or encoders, head, Mask Tokens; safetensors), with the config and the
+    encoders' sha256 as metadata."""
     metadata = {
         "config": config.to_json(),
         "encoder_sha256": json.dumps({m: record["encoder_sha256"] for m, record in records.items()}),
@@ -740,22 +1060,23 @@ FALLBACK = "unimodal"  # missing modality handled by the unimodal model(s) of th
 
 
 @torch.no_grad()
-def test_u2a(
-    model: MultimodalClassifier,
+def test_multimodal(
+    model: MultimodalClassifier | SharedHeadEnsemble,
     unimodal: dict[str, UnimodalClassifier],
     data: Dataset,
     config: TrainConfig,
     device: torch.device,
+    fills: tuple[str, ...] = MISSING_FILLS,
 ) -> dict[str, Any]:
-    """Test accuracies: complete; and per modality × missing rate × fill (MISSING_FILLS + FALLBACK),
-    on merged weights. The same missing samples are used for every fill."""
+    """Test accuracies: complete; and per modality × missing rate × fill (``fills`` + FALLBACK), on merged
+    weights (where there is LoRA). The same missing samples are used for every fill."""
     model.eval()
     labels = labels_of(data, config)
-    unmerged = predict(fused(model), data, config, device)
+    unmerged = predict(fused(model, fills[0]), data, config, device)
     for encoder in model.encoders.values():
         merge_lora(encoder)
     try:
-        complete = predict(fused(model), data, config, device)
+        complete = predict(fused(model, fills[0]), data, config, device)
         merge_check = dict(
             agree=int((complete.argmax(1) == unmerged.argmax(1)).sum()),
             total=len(labels),
@@ -767,10 +1088,10 @@ def test_u2a(
         }
         missing_results: dict[str, dict[str, list[float]]] = {}
         for i, modality in enumerate(model.modalities):
-            missing_results[modality] = {fill: [] for fill in (*MISSING_FILLS, FALLBACK)}
+            missing_results[modality] = {fill: [] for fill in (*fills, FALLBACK)}
             for rate in config.missing_test:
                 missing = missing_mask(len(labels), len(model.modalities), i, rate, seed=config.seed + 1)
-                for fill in MISSING_FILLS:
+                for fill in fills:
                     logits = predict(fused(model, fill), data, config, device, missing)
                     missing_results[modality][fill].append(accuracy(logits, labels))
                 fallback = fallback_probabilities(complete.softmax(1), unimodal_probs, missing, model.modalities)
@@ -806,14 +1127,15 @@ def pct(fraction: float) -> str:
 
 
 def results_table(results: dict[str, Any], config: TrainConfig) -> str:
-    """results.md: unimodal and U2A accuracies, then accuracy vs missing rate per modality and fill."""
+    """results.md: unimodal and the method's accuracies, then accuracy vs missing rate per modality and fill."""
+    title = METHODS[config.method].title
     lines = [
-        f"# U2A on {config.dataset} (seed {config.seed}, rank {config.rank}, targets {','.join(config.targets)})",
+        f"# {title} on {config.dataset} (seed {config.seed}, rank {config.rank}, targets {','.join(config.targets)})",
         "",
         "| model | test accuracy (%) |",
         "|---|---|",
         *(f"| unimodal {m} | {pct(acc)} |" for m, acc in results["unimodal"].items()),
-        f"| U2A, complete | {pct(results['complete'])} |",
+        f"| {title}, complete | {pct(results['complete'])} |",
         "",
         "Accuracy (%) with one modality missing in a share of the test samples:",
         "",
@@ -831,7 +1153,9 @@ def results_table(results: dict[str, Any], config: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(history: list[dict[str, float]], records: dict[str, dict], results: dict[str, Any], run_dir: Path) -> None:
+def plot(
+    title: str, history: list[dict[str, float]], records: dict[str, dict], results: dict[str, Any], run_dir: Path
+) -> None:
     """curves.png (loss and validation accuracy per epoch) and missing.png (accuracy vs missing rate);
     main process only."""
     if not is_main():
@@ -842,7 +1166,7 @@ def plot(history: list[dict[str, float]], records: dict[str, dict], results: dic
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    runs = {"U2A": history, **{f"unimodal {m}": r["history"] for m, r in records.items()}}
+    runs = {title: history, **{f"unimodal {m}": r["history"] for m, r in records.items()}}
     for label, rows in runs.items():
         epochs = [row["epoch"] for row in rows]
         loss_ax.plot(epochs, [row["loss"] for row in rows], marker="o", label=label)
@@ -893,7 +1217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-    """Stage 1, U2A, test and report into ``run_dir``; returns the test results."""
+    """Stage 1, stage 2 (--method), test and report into ``run_dir``; returns the test results."""
+    started = time.perf_counter()
     print(f"{config}\nrun folder {run_dir}, device {device}, processes {world()[1]}")
     write_text(run_dir / "config.json", config.to_json())
 
@@ -902,28 +1227,99 @@ def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, A
     unimodal, records = {}, {}
     for modality in modalities:
         unimodal[modality], records[modality] = unimodal_model(config, modality, splits, num_classes, device)
+    method = METHODS[config.method](config)
+    if isinstance(method, Unimodal):
+        return report_unimodal(unimodal, records, config, run_dir, started)
 
-    model = u2a_model(config, unimodal, num_classes, device)
-    print(f"U2A: {count_parameters(model)}")
-    val_labels = labels_of(splits["val"], config)
-    history = fit(
-        model,
-        lambda batch: u2a_loss(model, batch, config),
-        lambda: accuracy(predict(fused(model), splits["val"], config, device), val_labels),
-        splits["train"], config, config.epochs, config.lr, device,
-        checkpoint=run_dir / "state.pt", metrics=run_dir / "metrics.jsonl", describe="U2A",
-    )  # fmt: skip
-    save_adapter_checkpoint(model, run_dir / "adapter.safetensors", config, records)
-
-    results = test_u2a(model, unimodal, splits["test"], config, device)
+    with PeakMemory(device) as memory:
+        model = method.build(unimodal, num_classes, device)
+        print(f"{method.title}: {count_parameters(model)}")
+        history = method.train(splits, device, run_dir)
+        save_adapter_checkpoint(model, run_dir / "adapter.safetensors", config, records)
+        results = test_multimodal(model, unimodal, splits["test"], config, device, method.fills)
+    results |= dict(method=config.method, trainable_parameters=trainable_count(model))
     check = results["merge_check"]
     print(f"evaluated on merged weights: merged and unmerged predictions agree on {check['agree']}/{check['total']}")
     table = results_table(results, config)
     write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_text(run_dir / "results.md", table)
-    plot(history, records, results, run_dir)
-    print(table + f"\nwrote {run_dir}/: results.md, results.json, metrics.jsonl, adapter.safetensors, *.png")
+    write_cost(run_dir, started, sum(row["seconds"] for row in history), memory.mib)
+    plot(method.title, history, records, results, run_dir)
+    print(table + f"\nwrote {run_dir}/: results.md, results.json, cost.json, metrics.jsonl, adapter.safetensors, *.png")
     return results
+
+
+def report_unimodal(
+    unimodal: dict[str, UnimodalClassifier],
+    records: dict[str, dict],
+    config: TrainConfig,
+    run_dir: Path,
+    started: float,
+) -> dict[str, Any]:
+    """--method unimodal: results.json / results.md / cost.json of the stage-1 models (cached or just trained)."""
+    results = dict(
+        method="unimodal",
+        unimodal={m: record["test_accuracy"] for m, record in records.items()},
+        unimodal_parameters={m: trainable_count(model) for m, model in unimodal.items()},
+    )
+    rows = [f"| unimodal {m} | {pct(acc)} |" for m, acc in results["unimodal"].items()]
+    write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(run_dir / "results.md", f"# unimodal on {config.dataset} (seed {config.seed})\n\n" + "\n".join(
+        ["| model | test accuracy (%) |", "|---|---|", *rows]) + "\n")  # fmt: skip
+    stage1_seconds = sum(row["seconds"] for record in records.values() for row in record["history"])
+    write_cost(run_dir, started, stage1_seconds, math.nan)
+    print("\n".join(rows))
+    return results
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Parameters that training changes in ``model`` (UnimodalClassifier: all of them, as in stage 1)."""
+    if isinstance(model, UnimodalClassifier):
+        return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def write_cost(run_dir: Path, started: float, train_seconds: float, peak_memory_mib: float) -> None:
+    """cost.json: what this run took, apart from results.json (which resumed runs reproduce bit for bit):
+    wall-clock seconds of this process, seconds of the training epochs, peak memory of stage 2 (MiB)."""
+    cost = dict(
+        seconds=time.perf_counter() - started,
+        train_seconds=train_seconds,
+        peak_memory_mib=None if math.isnan(peak_memory_mib) else peak_memory_mib,
+    )
+    write_text(run_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
+
+
+class PeakMemory:
+    """Peak memory in the block beyond what was held at its start, in MiB (``mib``): on CUDA from
+    max_memory_allocated; on the CPU (Linux) the growth of the resident set's high-water mark (VmHWM,
+    reset through /proc/self/clear_refs; memory malloc reuses unseen); NaN where neither is available."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.before, self.mib = device, math.nan, math.nan
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device) / 2**20
+        elif Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM ← VmRSS
+            self.before = status_mib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.before
+        elif not math.isnan(self.before):
+            self.mib = status_mib("VmHWM") - self.before
+
+
+def status_mib(field_name: str) -> float:
+    """A memory field of /proc/self/status (kB), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"{field_name} not in /proc/self/status")
 
 
 if __name__ == "__main__":
