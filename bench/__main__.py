@@ -5,21 +5,24 @@
     python -m bench train   [--quick] [--dtype ...] [--device ...] [--out ...] [--plot]
     python -m bench report  bench/results/<file>.csv ...
     python -m bench runs    runs/NAME-s0 runs/NAME-s1 ... [--out FILE.md]
+    python -m bench compare --dataset avmnist-mini --methods ... --seeds 0 1 2 [--ranks 1 4 8 16] ...
 
 kernels/train append rows to ``<out>/<device>-<UTC date>-<suite>.csv``, print the markdown
 tables and the targets met or missed; ``--plot`` also writes a PNG beside the CSV. runs prints
-(and with ``--out`` writes) the mean ± std over the seeds of train.py runs.
+(and with ``--out`` writes) the mean ± std over the seeds of train.py runs. compare runs train.py
+methods × seeds and writes the comparison table (its own options: ``python -m bench compare --help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import torch
 
-from bench import kernels, report, runs, train
+from bench import compare, kernels, report, runs, train
 from bench.memory import use_fixed_mmap_threshold
 from bench.plot import plot_kernels, plot_train
 from bench.results import RESULTS, append_rows, provenance, results_path
@@ -31,7 +34,7 @@ QUICK_TIMER = {"warmup": 1, "reps": 3}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=["kernels", "train", "report", "runs"])
+    parser.add_argument("suite", choices=["kernels", "train", "report", "runs", "compare"])
     parser.add_argument("paths", nargs="*", type=Path, help="report: CSV files to tabulate; runs: run folders")
     parser.add_argument("--quick", action="store_true", help="tiny shapes / small models, few repetitions")
     parser.add_argument("--dims", nargs="+", type=int, default=[384, 768, 1024], help="kernels: D (MLP: D → 4D)")
@@ -60,6 +63,9 @@ def summary(suite: str, rows: list[dict]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        compare.main(sys.argv[2:])
+        return
     args = parse_args()
     if args.suite == "runs":
         table = runs.summarize(*runs.load_runs(args.paths))
