@@ -5,6 +5,7 @@
     python train.py --image-encoder CKPT --audio-encoder CKPT   # Hugging Face–format ViT / AST checkpoints
     python train.py --resume runs/NAME                          # continue an interrupted run
     torchrun --nproc_per_node 2 train.py --dataset avmnist-mini # data parallel (gloo on CPU, NCCL on CUDA)
+    python train.py --method mmlora --seed 1                    # another stage 2 (METHODS), same cached stage 1
 
 1. Pretrained encoders. Given with --{modality}-encoder, each is frozen and gets a linear head (its
    unimodal model). Otherwise each encoder is first trained alone on its modality. Either way the
@@ -17,8 +18,21 @@
    each --missing-test rate with every way of filling it in (models/multimodal.py) and with the
    fallback to the unimodal model of the modality that remains.
 
-Outputs in runs/NAME/: config.json, metrics.jsonl, adapter.safetensors (adapters + head + tokens, with
-the encoders' sha256), state.pt (resume point), results.json, results.md, curves.png, missing.png.
+--method picks stage 2 (one Method class each, under "stage 2" below; DESIGN.md §4). All start from the
+same stage-1 encoders and train --epochs with the same optimiser, schedule and batches:
+    u2a           (default) as in 2.
+    unimodal      the stage-1 models alone; nothing more trains
+    linear-probe  frozen encoders, a linear fusion head on concat(h_m)
+    late-fusion   the whole encoders and the fusion head
+    ogm-ge        late fusion with OGM-GE gradient modulation (--ogm-alpha)
+    mmlora        frozen encoders with LoRA, the fusion head; complete data, no Mask Tokens
+    mie           IGM: one shared head, alternating modality stages (--stage-epochs), SAM (--sam-rho,
+                  --sam-mix), head gradients × T(k) of the other modality (--igm-tau); LoRA or --full
+Methods without Mask Tokens are tested with the other fills and the unimodal fallback.
+
+Outputs in runs/NAME/: config.json, metrics.jsonl, adapter.safetensors (the trained tensors: adapters +
+head + tokens, or whole encoders; with the encoders' sha256), state.pt (resume point; MIE: state-stageN.pt),
+results.json, results.md, cost.json (wall-clock, training seconds, peak memory), curves.png, missing.png.
 
 Faults: every file is written atomically (temporary file, fsync, os.replace). state.pt is written every
 --save-every steps and after each epoch; SIGINT / SIGTERM write it at the next step boundary and exit
@@ -869,7 +883,8 @@ def ogm_coefficients(shares: dict[str, torch.Tensor], labels: torch.Tensor, alph
         s_m = Σ_i softmax(share_m)_i[y_i],   ρ_m = s_m / mean_{n≠m} s_n,
         k_m = 1 − tanh(α·ρ_m) if ρ_m > 1 else 1
 
-    1 − tanh(x) is computed as 2e^{−2x} / (1 + e^{−2x}), which stays > 0 where tanh rounds to 1."""
+    1 − tanh(x) is computed as 2e^{−2x} / (1 + e^{−2x}), which stays > 0 where tanh(x) rounds to 1 (x > 19),
+    up to x ≈ 370."""
     scores = {m: share.float().softmax(1).gather(1, labels[:, None]).sum().item() for m, share in shares.items()}
     coefficients = {}
     for m, score in scores.items():

@@ -237,6 +237,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/compare"), help="runs go to RUNS_DIR/DATASET")
     parser.add_argument("--include", nargs="*", type=Path, default=[], help="finished run folders to add")
     parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the report")
+    parser.add_argument("--no-train", action="store_true", help="report the finished runs only; list the others")
     parser.add_argument("--out", type=Path, default=Path("results"), help="folder of DATASET.md and DATASET.csv")
     return parser.parse_args(argv)
 
@@ -245,13 +246,18 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     runs_dir = args.runs_dir / args.dataset
     runs = plan(args.methods, args.seeds, args.ranks)
-    execute(runs, args.dataset, runs_dir, shlex.split(args.train_args), args.jobs, args.threads)
-    rows = [collect(runs_dir / run.name) for run in runs] + [collect(path) for path in args.include]
+    if not args.no_train:
+        execute(runs, args.dataset, runs_dir, shlex.split(args.train_args), args.jobs, args.threads)
+    finished = [runs_dir / run.name for run in runs if (runs_dir / run.name / "results.json").is_file()]
+    rows = [collect(path) for path in [*finished, *args.include]]
+    unfinished = [run.name for run in runs if runs_dir / run.name not in finished]
     rows.sort(key=lambda row: args.methods.index(row["method"]) if row["method"] in args.methods else 99)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / f"{args.dataset}.csv")
     notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
     invocation = "python -m bench compare " + shlex.join(argv)
+    if unfinished:
+        notes = f"Not run (or unfinished) from the plan: {', '.join(unfinished)}.\n\n{notes}"
     text = report(rows, args.dataset, invocation, notes)
     (args.out / f"{args.dataset}.md").write_text(text, encoding="utf-8")
     print(text + f"\nwrote {args.out / args.dataset}.md and .csv")
