@@ -156,10 +156,9 @@ class TrainConfig:
             in AUTOCAST_DTYPES,
             "save_every and max_bad_steps must be ≥ 0": min(self.save_every, self.max_bad_steps) >= 0,
             f"unknown method {self.method!r}; known: {', '.join(METHODS)}": self.method in METHODS,
-            "ogm_alpha must be > 0, sam_mix in [0, 1], igm_tau > 0, stage_epochs ≥ 1": self.ogm_alpha > 0
-            and 0 <= self.sam_mix <= 1
-            and self.igm_tau > 0
-            and self.stage_epochs >= 1,
+            "ogm_alpha and igm_tau must be > 0": min(self.ogm_alpha, self.igm_tau) > 0,
+            "sam_mix must be in [0, 1]": 0 <= self.sam_mix <= 1,
+            "stage_epochs must be ≥ 1": self.stage_epochs >= 1,
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
