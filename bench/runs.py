@@ -39,15 +39,17 @@ def mean_std(values: list[float]) -> str:
 
 def summarize(config: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """Markdown: unimodal and complete accuracies, then accuracy vs missing rate per modality and fill."""
-    seeds = len(results)
+    from train import METHODS  # the top-level train.py (not bench.train); runs of older versions were U2A
+
+    seeds, method = len(results), METHODS[config.get("method", "u2a")].title
     lines = [
-        f"U2A on {config['dataset']}, rank {config['rank']}, targets {','.join(config['targets'])}, "
+        f"{method} on {config['dataset']}, rank {config['rank']}, targets {','.join(config['targets'])}, "
         f"{config['epochs']} epochs; test accuracy (%), mean ± std over {seeds} seeds.",
         "",
         "| model | accuracy |",
         "|---|---|",
         *(f"| unimodal {m} | {mean_std([r['unimodal'][m] for r in results])} |" for m in results[0]["unimodal"]),
-        f"| U2A, complete | {mean_std([r['complete'] for r in results])} |",
+        f"| {method}, complete | {mean_std([r['complete'] for r in results])} |",
         "",
         "| missing | handled by | " + " | ".join(f"{rate:g}" for rate in results[0]["missing_rates"]) + " |",
         "|---|---|" + "---|" * len(results[0]["missing_rates"]),
