@@ -475,7 +475,8 @@ def non_finite(loss: float, params: dict[str, nn.Parameter], check_gradients: bo
     problems = [] if math.isfinite(loss) else [f"loss {loss}"]
     if check_gradients:
         bad = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        problems += [f"gradient of {len(bad)} tensors: {', '.join(bad[:8])}{', …' if len(bad) > 8 else ''}"] * bool(bad)
+        if bad:
+            problems.append(f"gradient of {len(bad)} tensors: {', '.join(bad[:8])}{', …' if len(bad) > 8 else ''}")
     return problems
 
 
