@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import shlex
 import statistics
@@ -29,8 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from safetensors import safe_open
 
 from bench.runs import mean_std
 
@@ -107,35 +104,17 @@ def read_json(path: Path) -> Any:
 def collect(run_dir: Path) -> dict[str, Any]:
     """One finished run as a row: method, rank, seed, accuracy, parameters, time, memory, missing results.
 
-    Runs of an older train.py (no method, parameter count or cost.json) are read as far as they go: the
-    method defaults to u2a, the parameter count to adapter.safetensors' size, the training time to
-    metrics.jsonl's epochs."""
+    Runs of an older train.py (U2A only; no parameter count or cost.json) give None for what they lack."""
     config, results = read_json(run_dir / "config.json"), read_json(run_dir / "results.json")
     cost = read_json(run_dir / "cost.json") if (run_dir / "cost.json").is_file() else {}
     row = dict(
         run=run_dir.name, method=config.get("method", "u2a"), rank=config["rank"], seed=config["seed"],
         epochs=config["epochs"], accuracy=results.get("complete"), results=results,
-        trainable_parameters=results.get("trainable_parameters") or adapter_size(run_dir / "adapter.safetensors"),
-        train_seconds=cost.get("train_seconds") or epoch_seconds(run_dir / "metrics.jsonl"),
+        trainable_parameters=results.get("trainable_parameters"), train_seconds=cost.get("train_seconds"),
         peak_memory_mib=cost.get("peak_memory_mib"),
         lora=config.get("method", "u2a") in LORA and not config.get("full"),
     )  # fmt: skip
     return row
-
-
-def adapter_size(path: Path) -> int | None:
-    """Number of parameters saved in a run's adapter.safetensors (its trained tensors)."""
-    if not path.is_file():
-        return None
-    with safe_open(path, "pt") as file:
-        return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())  # noqa: SIM118
-
-
-def epoch_seconds(path: Path) -> float | None:
-    """Seconds of the training epochs logged in a run's metrics.jsonl."""
-    if not path.is_file():
-        return None
-    return sum(json.loads(line)["seconds"] for line in path.read_text(encoding="utf-8").splitlines())
 
 
 def mean_of(values: list[float | None], digits: int) -> str:
@@ -167,7 +146,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
                 size = runs[0]["results"]["unimodal_parameters"][m]
                 lines.append(f"| unimodal ({m}) | – | {len(runs)} | {accuracy} | {size:,} | {cost} |")
             continue
-        size = runs[0]["trainable_parameters"]
+        size = next((r["trainable_parameters"] for r in runs if r["trainable_parameters"]), None)
         lines.append(
             f"| {method} | {rank or '–'} | {len(runs)} | {mean_std([r['accuracy'] for r in runs])} | "
             f"{'n/a' if size is None else f'{size:,}'} | {cost} |"
