@@ -31,6 +31,10 @@ MIN_RANK_BLOCK = 16
 # the autotuner. Under the CPU interpreter autotuning cannot time anything: one small config.
 _GPU_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 4)]
 _INTERPRETER_TILE = (32, 32, 32, 4, 1)
+# fp32 operands with PRECISION "ieee" bypass the tensor cores: tl.dot becomes FMA loops whose
+# 128 × 256 accumulators spill registers and compile for minutes (first GPU run: a single fp32
+# test ran > 200 s). Such launches are pruned to these small FMA tiles.
+_FMA_TILES = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
 # Rows per program of the skinny GEMM; its output is only r wide, so tiles are tall.
 _GPU_SKINNY = [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3)]
 _INTERPRETER_SKINNY = (32, 32, 4, 1)
@@ -50,11 +54,25 @@ def dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _fused_configs() -> list[triton.Config]:
-    tiles = [_INTERPRETER_TILE] if interpreting() else _GPU_TILES
+def _tile_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in tiles
     ]
+
+
+def _fused_configs() -> list[triton.Config]:
+    return _tile_configs([_INTERPRETER_TILE] if interpreting() else _GPU_TILES + _FMA_TILES)
+
+
+def _is_fma_tile(config: triton.Config) -> bool:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) in {(m, n) for m, n, *_ in _FMA_TILES}
+
+
+def prune_fused_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner pre-filter: FMA tiles for fp32 "ieee" dots, tensor-core tiles otherwise (all if none match)."""
+    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" and named_args["p_ptr"].dtype == torch.float32
+    kept = [config for config in configs if _is_fma_tile(config) == fma]
+    return kept or configs
 
 
 def _skinny_configs() -> list[triton.Config]:
@@ -110,7 +128,9 @@ def _skinny_matmul_kernel(
     tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_fused_configs(), key=["M", "N", "K", "RANK"])
+@triton.autotune(
+    configs=_fused_configs(), key=["M", "N", "K", "RANK"], prune_configs_by={"early_config_prune": prune_fused_configs}
+)
 @triton.jit
 def _fused_matmul_kernel(
     p_ptr, q_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,

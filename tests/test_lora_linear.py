@@ -181,3 +181,17 @@ def test_bad_input_names_the_problem(mutate, message):
 def test_bad_dropout_probability(dropout_p):
     with pytest.raises(ValueError, match="dropout_p must be in"):
         lora_linear(*_valid(), scale=1.0, dropout_p=dropout_p, training=True)
+
+
+def test_fp32_ieee_launches_get_fma_tiles_and_others_tensor_core_tiles():
+    from kernels import lowrank_matmul as lm
+
+    configs = lm._tile_configs(lm._GPU_TILES + lm._FMA_TILES)
+    fp32, bf16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+
+    def tiles(p_ptr: torch.Tensor, precision: str) -> set[tuple[int, int]]:
+        kept = lm.prune_fused_configs(configs, {"p_ptr": p_ptr}, PRECISION=precision)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert tiles(fp32, "ieee") == {(m, n) for m, n, *_ in lm._FMA_TILES}
+    assert tiles(fp32, "tf32") == tiles(bf16, "ieee") == {(m, n) for m, n, *_ in lm._GPU_TILES}
