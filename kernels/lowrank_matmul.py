@@ -31,9 +31,9 @@ MIN_RANK_BLOCK = 16
 # the autotuner. Under the CPU interpreter autotuning cannot time anything: one small config.
 _GPU_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 4)]
 _INTERPRETER_TILE = (32, 32, 32, 4, 1)
-# fp32 operands with PRECISION "ieee" bypass the tensor cores: tl.dot becomes FMA loops whose
-# 128 × 256 accumulators spill registers and compile for minutes (first GPU run: a single fp32
-# test ran > 200 s). Such launches are pruned to these small FMA tiles.
+# fp32 operands with PRECISION "ieee" bypass the tensor cores: tl.dot becomes FMA loops, for which
+# 128 × 256 accumulators are far too big. On the H200 a single fp32 test ran > 200 s with them
+# (cause not yet profiled). Such launches are pruned to these small FMA tiles; not yet run on a GPU.
 _FMA_TILES = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
 # Rows per program of the skinny GEMM; its output is only r wide, so tiles are tall.
 _GPU_SKINNY = [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3)]
