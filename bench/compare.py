@@ -1,13 +1,13 @@
 """Methods × seeds (× LoRA ranks) of train.py on one data set, as subprocesses, and the comparison table.
 
     python -m bench compare --dataset avmnist-mini --methods unimodal linear-probe late-fusion ogm-ge mmlora mie u2a \\
-        --seeds 0 1 2 [--ranks 1 4 8 16] [--jobs 2] [--train-args "--epochs 10"] [--out results]
+        --seeds 0 1 2 [--rank 8] [--ranks 1 4 16 [--sweep-seeds 0]] [--jobs 2] [--train-args "--epochs 10"]
 
-Each run is ``train.py --method M --seed S --rank R --name M-rR-sS`` in ``--runs-dir``/DATASET (their stage-1
-unimodal models come from the shared --cache-dir of train.py, so every method of a seed starts from the
-same encoders); a finished run (results.json) is reused, an unfinished one resumed. The rank sweep
-(--ranks) applies to the LoRA methods in RANKED; the others run at train.py's --rank. ``--jobs``
-processes run at a time, each with OMP_NUM_THREADS=--threads.
+Each run is ``train.py --method M --seed S --rank R --name M[-rR]-sS`` in ``--runs-dir``/DATASET (their
+stage-1 unimodal models come from the shared --cache-dir of train.py, so every method of a seed starts
+from the same encoders); a finished run (results.json) is reused, an unfinished one resumed. Every run
+has LoRA rank --rank; the methods in RANKED also run at each of --ranks (the sweep) on --sweep-seeds.
+``--jobs`` processes run at a time, each with OMP_NUM_THREADS=--threads.
 
 Writes OUT/DATASET.csv (one row per run) and OUT/DATASET.md: accuracy mean ± std over the seeds,
 trainable parameters, training time and peak memory per method; accuracy per LoRA rank; and accuracy
@@ -43,21 +43,20 @@ class Planned:
 
     method: str
     seed: int
-    rank: int | None  # None: train.py's --rank (given in --train-args or its default)
+    rank: int
 
     @property
     def name(self) -> str:
-        return f"{self.method}{'' if self.rank is None else f'-r{self.rank}'}-s{self.seed}"
+        return f"{self.method}{f'-r{self.rank}' if self.method in RANKED else ''}-s{self.seed}"
 
 
-def plan(methods: list[str], seeds: list[int], ranks: list[int] | None) -> list[Planned]:
-    """Every method × seed; × rank for the methods in RANKED when ``ranks`` are given."""
-    return [
-        Planned(method, seed, rank)
-        for method in methods
-        for rank in (ranks if ranks and method in RANKED else [None])
-        for seed in seeds
-    ]
+def plan(methods: list[str], seeds: list[int], rank: int, sweep: list[int], sweep_seeds: list[int]) -> list[Planned]:
+    """Every method × seed at ``rank``; the methods in RANKED also at each rank of ``sweep`` × ``sweep_seeds``."""
+    runs = []
+    for method in methods:
+        for r in dict.fromkeys([rank, *(sweep if method in RANKED else [])]):
+            runs += [Planned(method, seed, r) for seed in (seeds if r == rank else sweep_seeds)]
+    return runs
 
 
 def command(run: Planned, dataset: str, runs_dir: Path, train_args: list[str]) -> list[str]:
@@ -65,8 +64,7 @@ def command(run: Planned, dataset: str, runs_dir: Path, train_args: list[str]) -
     run_dir = runs_dir / run.name
     if run_dir.exists():
         return [sys.executable, str(TRAIN), "--resume", str(run_dir)]
-    options = ["--method", run.method, "--seed", str(run.seed), "--dataset", dataset]
-    options += [] if run.rank is None else ["--rank", str(run.rank)]
+    options = ["--method", run.method, "--seed", str(run.seed), "--rank", str(run.rank), "--dataset", dataset]
     return [sys.executable, str(TRAIN), *options, "--out-dir", str(runs_dir), "--name", run.name, *train_args]
 
 
@@ -209,7 +207,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dataset", default="avmnist-mini")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ranks", nargs="+", type=int, default=None, help=f"LoRA ranks of {', '.join(RANKED)}")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of every run")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[], help=f"more LoRA ranks of {', '.join(RANKED)}")
+    parser.add_argument("--sweep-seeds", nargs="+", type=int, default=None, help="seeds of --ranks (default --seeds)")
     parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process")
     parser.add_argument("--train-args", default="", help='more train.py options, e.g. "--epochs 5"')
@@ -224,7 +224,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     runs_dir = args.runs_dir / args.dataset
-    runs = plan(args.methods, args.seeds, args.ranks)
+    runs = plan(args.methods, args.seeds, args.rank, args.ranks, args.sweep_seeds or args.seeds)
     if not args.no_train:
         execute(runs, args.dataset, runs_dir, shlex.split(args.train_args), args.jobs, args.threads)
     finished = [runs_dir / run.name for run in runs if (runs_dir / run.name / "results.json").is_file()]
