@@ -1281,7 +1281,7 @@ def report_unimodal(
     write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_text(run_dir / "results.md", f"# unimodal on {config.dataset} (seed {config.seed})\n\n" + "\n".join(
         ["| model | test accuracy (%) |", "|---|---|", *rows]) + "\n")  # fmt: skip
-    stage1_seconds = sum(row["seconds"] for record in records.values() for row in record["history"])
+    stage1_seconds = {m: sum(row["seconds"] for row in record["history"]) for m, record in records.items()}
     write_cost(run_dir, started, stage1_seconds, math.nan)
     print("\n".join(rows))
     return results
@@ -1294,9 +1294,10 @@ def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def write_cost(run_dir: Path, started: float, train_seconds: float, peak_memory_mib: float) -> None:
+def write_cost(run_dir: Path, started: float, train_seconds: float | dict[str, float], peak_memory_mib: float) -> None:
     """cost.json: what this run took, apart from results.json (which resumed runs reproduce bit for bit):
-    wall-clock seconds of this process, seconds of the training epochs, peak memory of stage 2 (MiB)."""
+    wall-clock seconds of this process, seconds of the training epochs (unimodal: of each modality's
+    stage 1), peak memory of stage 2 (MiB)."""
     cost = dict(
         seconds=time.perf_counter() - started,
         train_seconds=train_seconds,

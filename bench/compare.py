@@ -129,6 +129,11 @@ def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int | None], list[dict
     return grouped
 
 
+def accuracy_cell(values: list[float]) -> str:
+    """'mean ± std' in percent over the seeds; the value alone for one seed."""
+    return mean_std(values) if len(values) > 1 else f"{100 * values[0]:.1f}"
+
+
 def accuracy_table(rows: list[dict[str, Any]]) -> str:
     """Per method (and rank): seeds, test accuracy mean ± std, trainable parameters, time, memory."""
     lines = [
@@ -137,38 +142,48 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for (method, rank), runs in groups(rows).items():
-        cost = f"{mean_of([r['train_seconds'] for r in runs], 0)} | {mean_of([r['peak_memory_mib'] for r in runs], 0)}"
+        memory = mean_of([r["peak_memory_mib"] for r in runs], 0)
         if method == "unimodal":
             for m in runs[0]["results"]["unimodal"]:
-                accuracy = mean_std([r["results"]["unimodal"][m] for r in runs])
+                accuracy = accuracy_cell([r["results"]["unimodal"][m] for r in runs])
                 size = runs[0]["results"]["unimodal_parameters"][m]
-                lines.append(f"| unimodal ({m}) | – | {len(runs)} | {accuracy} | {size:,} | {cost} |")
+                seconds = mean_of([r["train_seconds"][m] for r in runs], 0)
+                lines.append(f"| unimodal ({m}) | – | {len(runs)} | {accuracy} | {size:,} | {seconds} | {memory} |")
             continue
         size = next((r["trainable_parameters"] for r in runs if r["trainable_parameters"]), None)
+        seconds = mean_of([r["train_seconds"] for r in runs], 0)
         lines.append(
-            f"| {method} | {rank or '–'} | {len(runs)} | {mean_std([r['accuracy'] for r in runs])} | "
-            f"{'n/a' if size is None else f'{size:,}'} | {cost} |"
+            f"| {method} | {rank or '–'} | {len(runs)} | {accuracy_cell([r['accuracy'] for r in runs])} | "
+            f"{'n/a' if size is None else f'{size:,}'} | {seconds} | {memory} |"
         )
     return "\n".join(lines)
 
 
-def missing_table(rows: list[dict[str, Any]]) -> str:
-    """Accuracy mean ± std with one modality missing in a share of the test samples, per method and fill."""
-    with_missing = {key: runs for key, runs in groups(rows).items() if "missing" in runs[0]["results"]}
+MISSING_RATES = (0.5, 1.0)  # test missing rates shown in the report (results.json has them all)
+
+
+def missing_table(rows: list[dict[str, Any]], rank: int) -> str:
+    """Accuracy mean ± std with one modality missing in half / all of the test samples, per method (LoRA
+    methods at ``rank``) and way of filling it in."""
+    with_missing = {
+        (method, r): runs
+        for (method, r), runs in groups(rows).items()
+        if "missing" in runs[0]["results"] and r in (None, rank)
+    }
     if not with_missing:
         return ""
     first = next(iter(with_missing.values()))[0]["results"]
-    modalities, rates = list(first["missing"]), [r for r in first["missing_rates"] if r > 0]
-    columns = [(m, i, rate) for m in modalities for i, rate in enumerate(first["missing_rates"]) if rate > 0]
+    modalities, rates = list(first["missing"]), first["missing_rates"]
+    columns = [(m, i, rate) for m in modalities for i, rate in enumerate(rates) if rate in MISSING_RATES]
     lines = [
         "| method | LoRA rank | handled by | " + " | ".join(f"{m} missing {rate:.0%}" for m, _, rate in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     for (method, rank), runs in with_missing.items():
         for fill in runs[0]["results"]["missing"][modalities[0]]:
-            cells = [mean_std([r["results"]["missing"][m][fill][i] for r in runs]) for m, i, _ in columns]
+            cells = [accuracy_cell([r["results"]["missing"][m][fill][i] for r in runs]) for m, i, _ in columns]
             lines.append(f"| {method} | {rank or '–'} | {fill} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n(missing rates {', '.join(f'{r:g}' for r in rates)} of the test samples)"
+    return "\n".join(lines)
 
 
 CSV_FIELDS = ("run", "method", "rank", "seed", "epochs", "accuracy", "trainable_parameters", "train_seconds")
@@ -186,7 +201,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow([row[k] for k in CSV_FIELDS] + [unimodal.get(m) for m in modalities])
 
 
-def report(rows: list[dict[str, Any]], dataset: str, invocation: str, notes: str) -> str:
+def report(rows: list[dict[str, Any]], dataset: str, invocation: str, notes: str, rank: int = 8) -> str:
     """The markdown of the comparison."""
     epochs = sorted({row["epochs"] for row in rows if row["method"] != "unimodal"})
     sections = [
@@ -196,8 +211,8 @@ def report(rows: list[dict[str, Any]], dataset: str, invocation: str, notes: str
         "Training time: the stage-2 epochs (stage 1, cached and shared, not counted; unimodal rows: stage 1). "
         "Peak memory: stage 2 beyond what the process held before it (CPU: resident-set growth).",
         accuracy_table(rows),
-        "## With a modality missing",
-        missing_table(rows),
+        f"## With a modality missing (LoRA rank {rank})",
+        missing_table(rows, rank),
     ]
     return "\n\n".join([*sections, notes.strip()]).strip() + "\n"
 
@@ -230,13 +245,13 @@ def main(argv: list[str]) -> None:
     finished = [runs_dir / run.name for run in runs if (runs_dir / run.name / "results.json").is_file()]
     rows = [collect(path) for path in [*finished, *args.include]]
     unfinished = [run.name for run in runs if runs_dir / run.name not in finished]
-    rows.sort(key=lambda row: args.methods.index(row["method"]) if row["method"] in args.methods else 99)
+    rows.sort(key=lambda row: (METHODS.index(row["method"]), row["rank"] != args.rank, row["rank"], row["seed"]))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / f"{args.dataset}.csv")
     notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
     invocation = "python -m bench compare " + shlex.join(argv)
     if unfinished:
         notes = f"Not run (or unfinished) from the plan: {', '.join(unfinished)}.\n\n{notes}"
-    text = report(rows, args.dataset, invocation, notes)
+    text = report(rows, args.dataset, invocation, notes, args.rank)
     (args.out / f"{args.dataset}.md").write_text(text, encoding="utf-8")
     print(text + f"\nwrote {args.out / args.dataset}.md and .csv")
