@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from kernels.backend import select_backend
 from kernels.lowrank_matmul import dropout_mask, fused_matmul, skinny_matmul
@@ -113,8 +114,34 @@ def adapter_slices(slots: tuple[int, ...], rank: int, out_features: int) -> list
     ]
 
 
-def _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces):
-    shrunk = _dropped(x2d, dropout_p, seed) @ lora_a.t()  # S = Xd Aᵀ  [M, n·r]
+def folds_adapters(x2d: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the torch path computes Y = X W'ᵀ + b with W' = W + s · B_j A_j folded first.
+
+    Folding costs r·N·K multiply-adds and one write of an N × K temporary; the expand
+    s · S Bᵀ costs r·M·N and one more pass over Y [M, N], so folding wins when K < M.
+    It needs X itself on the LoRA branch (no dropout) and fp32: in fp16/bf16, rounding W'
+    would swallow an update s · B A smaller than W's last bit.
+    """
+    return dropout_p == 0 and x2d.dtype == torch.float32 and x2d.shape[1] < x2d.shape[0]
+
+
+def fold_adapters(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, pieces: list[AdapterSlice]
+) -> torch.Tensor:
+    """W' [N, K]: W + s · B_j A_j on each adapted output segment, W elsewhere (a new tensor)."""
+    adapted_rows = sum(piece.out_cols.stop - piece.out_cols.start for piece in pieces)
+    folded = torch.empty_like(weight) if adapted_rows == weight.shape[0] else weight.clone()
+    for piece in pieces:
+        rows = piece.out_cols
+        torch.addmm(weight[rows], lora_b[piece.b_rows], lora_a[piece.s_cols], alpha=scale, out=folded[rows])
+    return folded
+
+
+def _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces, keep_shrunk):
+    fold = folds_adapters(x2d, dropout_p)
+    shrunk = _dropped(x2d, dropout_p, seed) @ lora_a.t() if keep_shrunk or not fold else None  # S = Xd Aᵀ [M, n·r]
+    if fold:
+        return F.linear(x2d, fold_adapters(weight, lora_a, lora_b, scale, pieces), bias), shrunk
     out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
     for piece in pieces:
         # out[:, segment] += scale * S_j @ B_jᵀ
@@ -137,7 +164,7 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
     need_x, need_a, need_b = needs
     grad_x = grad_a = grad_b = None
     if need_x or need_a:
-        grad_shrunk = shrunk.new_empty(shrunk.shape)
+        grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0])
         for piece in pieces:
             # dS_j = scale * G_g @ B_j
             grad_shrunk[:, piece.s_cols].addmm_(grad[:, piece.out_cols], lora_b[piece.b_rows], beta=0, alpha=scale)
@@ -183,34 +210,42 @@ def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p
     return grad_x, grad_a, grad_b
 
 
+def lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk):
+    """(Y [..., N], S [M, n·r] or None, the backend that ran); S is kept if ``keep_shrunk`` (for dB)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    backend = select_backend(x.device)
+    if backend == "triton":
+        out, shrunk = _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots)
+    else:
+        pieces = adapter_slices(slots, lora_b.shape[1], weight.shape[0])
+        out, shrunk = _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces, keep_shrunk)
+    return out.view(*x.shape[:-1], weight.shape[0]), shrunk, backend
+
+
 class LoRAFunction(torch.autograd.Function):
     """Y = X Wᵀ + b + s · S_j B_jᵀ on each adapted output segment, with the backward of the module docstring."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
-        x2d = x.reshape(-1, x.shape[-1])
-        pieces = adapter_slices(slots, lora_b.shape[1], weight.shape[0])
-        backend = select_backend(x.device)
-        if backend == "triton":
-            out, shrunk = _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots)
-        else:
-            out, shrunk = _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrunk)
-        ctx.backend, ctx.scale, ctx.dropout_p, ctx.seed, ctx.pieces = backend, scale, dropout_p, seed, pieces
-        ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        out, shrunk, backend = lora_forward(
+            x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk=ctx.needs_input_grad[4]
+        )
+        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk)
+        ctx.backend, ctx.scale, ctx.dropout_p, ctx.seed, ctx.slots = backend, scale, dropout_p, seed, slots
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        x, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
+        x2d, grad = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        pieces = adapter_slices(ctx.slots, lora_b.shape[1], weight.shape[0])
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         backward = _backward_triton if ctx.backend == "triton" else _backward_torch
         grad_x, grad_a, grad_b = backward(
-            grad, x2d, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, ctx.seed, ctx.pieces, needs
+            grad, x2d, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, ctx.seed, pieces, needs
         )
         if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
+            grad_x = grad_x.view(x.shape)
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None  # db = Σ_m G[m, :]
         # forward args: x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
@@ -240,8 +275,11 @@ def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed
     dropout_p = dropout_p if training else 0.0
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
+    args = (x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed or 0, slots)
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed or 0, slots)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)):
+            return LoRAFunction.apply(*args)
+        return lora_forward(*args, keep_shrunk=False)[0]  # inference: no autograd node, no S kept
 
 
 def lora_linear(

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_checks import DEVICE, check_against_reference
+from lora_checks import DEVICE, assert_close_scaled, check_against_reference
 
 from kernels.backend import BACKENDS, use_backend
-from kernels.lora_linear import lora_linear, regenerate_mask
+from kernels.lora_linear import folds_adapters, lora_linear, regenerate_mask
 from kernels.reference import lora_linear_ref
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -133,6 +133,32 @@ def test_dropout_saves_no_mask(backend):
         lora_linear(x, weight, bias, lora_a, lora_b, 1.0, dropout_p=0.5, training=True)
     expected = rows * in_features + out_features * in_features + rank * in_features + out_features * rank + rows * rank
     assert sum(saved) == expected
+
+
+@pytest.mark.parametrize(("rows", "in_features", "dropout_p"), [(48, 12, 0.0), (12, 48, 0.0), (48, 12, 0.5)])
+def test_torch_path_folds_the_adapter_only_where_it_is_exact_and_cheaper(rows, in_features, dropout_p):
+    """Y = X (W + s·BA)ᵀ + b when K < M, fp32 and no dropout, else the expand; both equal the
+    reference, in training and in inference (no_grad: no autograd node)."""
+    x, weight, bias, lora_a, lora_b = make_tensors(
+        {"shape": (rows, in_features), "out_features": 20, "rank": 3, "transposed_x": False, "bias": True, "seed": 6},
+        torch.float32,
+    )
+    assert folds_adapters(x, dropout_p) == (in_features < rows and dropout_p == 0)
+    assert not folds_adapters(x.half(), dropout_p)
+    mask = regenerate_mask(rows, in_features, dropout_p, 7, x.device) if dropout_p else None
+
+    def op(*tensors):
+        return lora_linear(*tensors, 1.5, dropout_p=dropout_p, training=True, seed=7)
+
+    def reference(*tensors):
+        return lora_linear_ref(*tensors, 1.5, dropout_p=dropout_p, dropout_mask=mask)
+
+    with use_backend("torch"):
+        check_against_reference(op, reference, x, weight, bias, lora_a, lora_b)
+        with torch.no_grad():
+            inferred = op(x, weight, bias, lora_a, lora_b)
+            assert inferred.grad_fn is None
+            assert_close_scaled(inferred, reference(x, weight, bias, lora_a, lora_b), torch.float32, "output")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
