@@ -73,6 +73,7 @@ from tqdm import tqdm
 
 from lowrank import LoRAConfig, add_lora, merge_lora, unmerge_lora
 from lowrank.io import CorruptFileError, read_safetensors, read_torch_file, staged, state_dict_problems
+from lowrank.memory import PeakMemory
 from mmdata import DATASETS, get_dataset
 from mmdata.standardize import Standardized, input_statistics
 from models import MODEL_REGISTRY, TransformerEncoder, create_model
@@ -1304,38 +1305,6 @@ def write_cost(run_dir: Path, started: float, train_seconds: float | dict[str, f
         peak_memory_mib=None if math.isnan(peak_memory_mib) else peak_memory_mib,
     )
     write_text(run_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
-
-
-class PeakMemory:
-    """Peak memory in the block beyond what was held at its start, in MiB (``mib``): on CUDA from
-    max_memory_allocated; on the CPU (Linux) the growth of the resident set's high-water mark (VmHWM,
-    reset through /proc/self/clear_refs; memory malloc reuses unseen); NaN where neither is available."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.before, self.mib = device, math.nan, math.nan
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device) / 2**20
-        elif Path("/proc/self/clear_refs").exists():
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM ← VmRSS
-            self.before = status_mib("VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.before
-        elif not math.isnan(self.before):
-            self.mib = status_mib("VmHWM") - self.before
-
-
-def status_mib(field_name: str) -> float:
-    """A memory field of /proc/self/status (kB), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"{field_name} not in /proc/self/status")
 
 
 if __name__ == "__main__":

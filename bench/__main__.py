@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from bench import compare, kernels, report, runs, train
-from bench.memory import use_fixed_mmap_threshold
 from bench.plot import plot_kernels, plot_train
 from bench.results import RESULTS, append_rows, provenance, results_path
 
@@ -91,7 +90,6 @@ def main() -> None:
     timer = dict(QUICK_TIMER if args.quick else CPU_TIMER) | ({"reps": args.reps} if args.reps else {})
     if args.cuda_graph:
         timer["cuda_graph"] = True
-    use_fixed_mmap_threshold()  # CPU peak memory: see bench/memory.py
     if args.suite == "kernels":
         shapes = kernels.QUICK_SHAPES if args.quick else kernels.full_shapes(args.dims, args.tokens, args.ranks)
         rows = kernels.run(shapes, dtypes, device, timer)

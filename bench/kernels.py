@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.memory import peak_memory_mb
 from bench.timing import time_steps
 from kernels.merge import merge_weight
 from lowrank import LoRALinear, LoRAQKVLinear
+from lowrank.memory import peak_memory_mb
 
 MODES = ("fwd", "fwd+bwd")
 # GEMM passes per mode: (base, LoRA), see the module docstring.
@@ -108,8 +108,8 @@ def naive_lora(x, weight, bias, lora_a, lora_b, scale):
 def lora_providers(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Provider]:
     """Every provider of one LoRA linear, on the same W, b, A, B (B nonzero)."""
     torch.manual_seed(0)
-    linear = nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype)
-    layer = LoRALinear(linear, shape.rank, scale=SCALE)
+    linear = nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype).requires_grad_(False)
+    layer = LoRALinear(linear, shape.rank, scale=SCALE)  # W and b frozen, as add_lora and peft leave them
     nn.init.normal_(layer.lora_b, std=0.02)
     adapter = (layer.lora_a, layer.lora_b)
     merged_weight = merge_weight(layer.weight, *adapter, layer.scale)
@@ -148,11 +148,13 @@ def peft_lora(layer: LoRALinear) -> nn.Module | None:
 def qkv_providers(dim: int, rank: int, dtype: torch.dtype, device: torch.device) -> dict[str, Provider]:
     """Base qkv GEMM, fused LoRA on q, k, v, and three separate LoRA projections (same weights)."""
     torch.manual_seed(0)
-    fused = LoRAQKVLinear(nn.Linear(dim, 3 * dim, device=device, dtype=dtype), rank, SCALE, ("q", "k", "v"))
+    fused = LoRAQKVLinear(
+        nn.Linear(dim, 3 * dim, device=device, dtype=dtype).requires_grad_(False), rank, SCALE, ("q", "k", "v")
+    )
     nn.init.normal_(fused.lora_b, std=0.02)
     separate = []
     for i in range(3):
-        part = LoRALinear(nn.Linear(dim, dim, device=device, dtype=dtype), rank, SCALE)
+        part = LoRALinear(nn.Linear(dim, dim, device=device, dtype=dtype).requires_grad_(False), rank, SCALE)
         rows, adapter_rows = slice(i * dim, (i + 1) * dim), slice(i * rank, (i + 1) * rank)
         with torch.no_grad():
             for mine, theirs in ((part.weight, fused.weight[rows]), (part.bias, fused.bias[rows])):

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.memory import peak_memory_mb
 from bench.timing import time_steps
 from lowrank import LoRAConfig, add_lora, lora_parameters
+from lowrank.memory import peak_memory_mb
 from models import ViT, ViTConfig, create_model
 
 METHODS = ("full", "lora")

@@ -114,15 +114,16 @@ def adapter_slices(slots: tuple[int, ...], rank: int, out_features: int) -> list
     ]
 
 
-def folds_adapters(x2d: torch.Tensor, dropout_p: float) -> bool:
-    """Whether the torch path computes Y = X W'ᵀ + b with W' = W + s · B_j A_j folded first.
+def folds_adapters(rows: int, weight_dim: int, dtype: torch.dtype, dropout_p: float) -> bool:
+    """Whether the torch path folds W' = W + s · B_j A_j into one GEMM with ``rows`` rows.
 
-    Folding costs r·N·K multiply-adds and one write of an N × K temporary; the expand
-    s · S Bᵀ costs r·M·N and one more pass over Y [M, N], so folding wins when K < M.
-    It needs X itself on the LoRA branch (no dropout) and fp32: in fp16/bf16, rounding W'
-    would swallow an update s · B A smaller than W's last bit.
+    Forward Y = X W'ᵀ + b (``weight_dim`` K) and backward dX = G W' (``weight_dim`` N; = G W + dS A).
+    Folding costs r·N·K multiply-adds and one write of an N × K temporary; adding the
+    rank-r product to the result instead costs r·M·(N or K) and one more pass over it, so
+    folding wins when ``weight_dim`` < M. It needs X itself on the LoRA branch (no dropout)
+    and fp32: in fp16/bf16, rounding W' would swallow an update s · B A below W's last bit.
     """
-    return dropout_p == 0 and x2d.dtype == torch.float32 and x2d.shape[1] < x2d.shape[0]
+    return dropout_p == 0 and dtype == torch.float32 and weight_dim < rows
 
 
 def fold_adapters(
@@ -138,7 +139,7 @@ def fold_adapters(
 
 
 def _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces, keep_shrunk):
-    fold = folds_adapters(x2d, dropout_p)
+    fold = folds_adapters(x2d.shape[0], x2d.shape[1], x2d.dtype, dropout_p)
     shrunk = _dropped(x2d, dropout_p, seed) @ lora_a.t() if keep_shrunk or not fold else None  # S = Xd Aᵀ [M, n·r]
     if fold:
         return F.linear(x2d, fold_adapters(weight, lora_a, lora_b, scale, pieces), bias), shrunk
@@ -163,12 +164,15 @@ def _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, s
 def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, pieces, needs):
     need_x, need_a, need_b = needs
     grad_x = grad_a = grad_b = None
-    if need_x or need_a:
+    fold = need_x and folds_adapters(grad.shape[0], grad.shape[1], grad.dtype, dropout_p)
+    if need_a or (need_x and not fold):
         grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0])
         for piece in pieces:
             # dS_j = scale * G_g @ B_j
             grad_shrunk[:, piece.s_cols].addmm_(grad[:, piece.out_cols], lora_b[piece.b_rows], beta=0, alpha=scale)
-    if need_x:
+    if fold:
+        grad_x = grad @ fold_adapters(weight, lora_a, lora_b, scale, pieces)  # dX = G (W + s · B A) = G W + dS A
+    elif need_x:
         grad_x = grad @ weight  # dX = G W ...
         if dropout_p == 0:
             grad_x.addmm_(grad_shrunk, lora_a)  # ... + dS A

@@ -137,14 +137,16 @@ def test_dropout_saves_no_mask(backend):
 
 @pytest.mark.parametrize(("rows", "in_features", "dropout_p"), [(48, 12, 0.0), (12, 48, 0.0), (48, 12, 0.5)])
 def test_torch_path_folds_the_adapter_only_where_it_is_exact_and_cheaper(rows, in_features, dropout_p):
-    """Y = X (W + s·BA)ᵀ + b when K < M, fp32 and no dropout, else the expand; both equal the
-    reference, in training and in inference (no_grad: no autograd node)."""
+    """Y = X (W + s·BA)ᵀ + b when K < M and dX = G (W + s·BA) when N < M (fp32, no dropout), else
+    the rank-r update added after; all equal the reference, in training and in inference (no_grad:
+    no autograd node)."""
     x, weight, bias, lora_a, lora_b = make_tensors(
         {"shape": (rows, in_features), "out_features": 20, "rank": 3, "transposed_x": False, "bias": True, "seed": 6},
         torch.float32,
     )
-    assert folds_adapters(x, dropout_p) == (in_features < rows and dropout_p == 0)
-    assert not folds_adapters(x.half(), dropout_p)
+    assert folds_adapters(rows, in_features, x.dtype, dropout_p) == (in_features < rows and dropout_p == 0)
+    assert folds_adapters(rows, 20, x.dtype, dropout_p) == (rows > 20 and dropout_p == 0)  # backward: N < M
+    assert not folds_adapters(rows, in_features, torch.float16, dropout_p)
     mask = regenerate_mask(rows, in_features, dropout_p, 7, x.device) if dropout_p else None
 
     def op(*tensors):
