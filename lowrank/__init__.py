@@ -3,13 +3,13 @@
 model = add_lora(model, LoRAConfig(rank=8, alpha=16, targets=("q", "v")))
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
 ...
-save_adapter(model, "adapter/");  merge_lora(model)  # plain-GEMM inference
+save_adapter(model, "adapter/");  merge_lora(model)  # plain-GEMM inference;  remove_lora(model) undoes add_lora
 export_peft(model, "peft_adapter/")  # the same adapter for peft + transformers; import_peft reads one back
 """
 
 from lowrank.adapter_io import load_adapter, save_adapter
 from lowrank.config import LoRAConfig
-from lowrank.inject import TARGET_PATTERNS, add_lora
+from lowrank.inject import TARGET_PATTERNS, add_lora, remove_lora
 from lowrank.layer import LoRALayer
 from lowrank.linear import LoRALinear
 from lowrank.peft_io import export_peft, import_peft
@@ -36,6 +36,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
+    "remove_lora",
     "save_adapter",
     "unmerge_lora",
 ]

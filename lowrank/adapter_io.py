@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowrank.config import LoRAConfig
-from lowrank.inject import add_lora
+from lowrank.inject import provisional_lora
 from lowrank.io import read_json, read_safetensors, staged, state_dict_problems
 from lowrank.state import lora_layers, lora_state_dict
 
@@ -53,11 +53,11 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter into ``model``; adds LoRA with the saved config first if the model has none."""
+    """Load an adapter into ``model``; adds LoRA with the saved config first if the model has none.
+
+    On any error (corrupt file, missing/unexpected keys, wrong shapes) the model is left as it was."""
     config = read_adapter_config(path)
-    if not lora_layers(model):
-        add_lora(model, config)
-    elif getattr(model, "lora_config", None) != config:
+    if lora_layers(model) and getattr(model, "lora_config", None) != config:
         raise ValueError(
             f"the model's adapters were built with {getattr(model, 'lora_config', None)} but {path} holds {config}"
         )
@@ -65,10 +65,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise RuntimeError("cannot load an adapter into merged layers; call unmerge_lora(model) first")
     file = Path(path) / WEIGHTS_FILE
     tensors = read_safetensors(file, "adapter weights")
-    own = lora_state_dict(model)
-    problems = state_dict_problems(own, tensors)
-    if problems:
-        raise ValueError(f"{file} does not fit the model: " + "; ".join(problems))
-    for name, tensor in tensors.items():
-        own[name].copy_(tensor)
+    with provisional_lora(model, config):
+        own = lora_state_dict(model)
+        problems = state_dict_problems(own, tensors)
+        if problems:
+            raise ValueError(f"{file} does not fit the model: " + "; ".join(problems))
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
     return model

@@ -15,7 +15,9 @@ swapped in place, keeping their weight objects.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -23,7 +25,7 @@ from lowrank.config import LoRAConfig
 from lowrank.layer import LoRALayer
 from lowrank.linear import LoRALinear
 from lowrank.qkv import LoRAQKVLinear
-from lowrank.state import mark_only_lora_as_trainable
+from lowrank.state import lora_layers, mark_only_lora_as_trainable
 
 QKV_TARGETS = ("q", "k", "v")
 # target name → regex over module names (full match). Edit a copy, or pass regexes as targets.
@@ -80,3 +82,33 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     model.lora_config = config
     mark_only_lora_as_trainable(model, config.bias)
     return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Undo add_lora: each LoRA layer (unmerged first) becomes an nn.Linear holding its original weight and
+    bias objects, and ``model.lora_config`` goes; trainability flags are left as they are. Returns ``model``."""
+    for name, layer in [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]:
+        layer.unmerge()
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
+        model.set_submodule(name, linear)
+    vars(model).pop("lora_config", None)
+    return model
+
+
+@contextlib.contextmanager
+def provisional_lora(model: nn.Module, config: LoRAConfig) -> Iterator[None]:
+    """add_lora(model, config) unless the model has adapters already; if the block then raises, the
+    adapters are removed again and every parameter's requires_grad restored: the model is as it was."""
+    if lora_layers(model):
+        yield
+        return
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    add_lora(model, config)
+    try:
+        yield
+    except BaseException:
+        remove_lora(model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable[name])
+        raise

@@ -37,7 +37,7 @@ from torch import nn
 from kernels.lora_qkv import PROJECTIONS
 from lowrank.adapter_io import CONFIG_FILE, WEIGHTS_FILE
 from lowrank.config import LoRAConfig
-from lowrank.inject import TARGET_PATTERNS, add_lora
+from lowrank.inject import TARGET_PATTERNS, provisional_lora
 from lowrank.io import MAX_KEYS_SHOWN, read_json, read_safetensors, staged, state_dict_problems
 from lowrank.layer import LoRALayer
 from lowrank.qkv import LoRAQKVLinear
@@ -236,6 +236,14 @@ def _resolve_modules(model: nn.Module, hf_modules: set[str]) -> tuple[str, dict[
     return naming, resolved
 
 
+def _differing_aliases(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """peft keys whose model tensors are one and the same view but whose tensors in the file differ."""
+    aliases: dict[tuple, list[str]] = {}
+    for key, target in own.items():
+        aliases.setdefault((target.data_ptr(), tuple(target.shape), target.stride()), []).append(key)
+    return [key for keys in aliases.values() for key in keys[1:] if not torch.equal(tensors[key], tensors[keys[0]])]
+
+
 def _targets(adapted: dict[str, set[int]], paths: ModulePaths) -> tuple[str, ...]:
     """add_lora targets that adapt exactly ``adapted`` (our module → its adapted row blocks): q, k, v, o, mlp
     where they cover every module they match, the escaped names of the other modules."""
@@ -267,7 +275,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     targets that adapt exactly its modules (fused q/k/v as one LoRAQKVLinear); a model with LoRA must have the
     same rank, scale and adapted modules. Module paths of any naming the model knows are accepted, e.g.
     transformers 4 (legacy) ViT adapters. Errors name the peft key with the expected and found shapes, or the
-    option or module that lowrank cannot represent; on a shape error the model keeps the adapters it was given.
+    option or module that lowrank cannot represent; on any error the model is left as it was.
     """
     settings = read_peft_config(path)
     file = Path(path) / WEIGHTS_FILE
@@ -281,23 +289,23 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for mine, block in resolved.values():
         adapted.setdefault(mine, set()).add(block)
     config = LoRAConfig(targets=_targets(adapted, hf_module_paths(model)[naming]), **settings)
-    if not lora_layers(model):
-        add_lora(model, config)
-    existing = model.lora_config
-    if (existing.rank, existing.scale) != (config.rank, config.scale):
-        raise ValueError(
-            f"the model's adapters have rank {existing.rank}, scale {existing.scale:g}; {path} has rank "
-            f"{config.rank}, scale {config.scale:g}"
-        )
-    if any(layer.merged for layer in lora_layers(model)):
-        raise RuntimeError("cannot load an adapter into merged layers; call unmerge_lora(model) first")
-    own = peft_tensors(model, naming)
-    problems = state_dict_problems(own, tensors)
-    if problems:
-        raise ValueError(f"{file} does not fit {type(model).__name__}: " + "; ".join(problems))
-    for key, target in own.items():
-        target.copy_(tensors[key])
-    unequal = [key for key, target in own.items() if not torch.equal(target, tensors[key].to(target.dtype))]
-    if unequal:  # a LoRALinear spanning several HF modules shares one A between them
-        raise ValueError(f"{file}: these modules share one lora_A in the model but differ in the file: {unequal}")
+    if lora_layers(model):
+        existing = model.lora_config
+        if (existing.rank, existing.scale) != (config.rank, config.scale):
+            raise ValueError(
+                f"the model's adapters have rank {existing.rank}, scale {existing.scale:g}; {path} has rank "
+                f"{config.rank}, scale {config.scale:g}"
+            )
+        if any(layer.merged for layer in lora_layers(model)):
+            raise RuntimeError("cannot load an adapter into merged layers; call unmerge_lora(model) first")
+    with provisional_lora(model, config):
+        own = peft_tensors(model, naming)
+        problems = state_dict_problems(own, tensors)
+        if problems:
+            raise ValueError(f"{file} does not fit {type(model).__name__}: " + "; ".join(problems))
+        unequal = _differing_aliases(own, tensors)
+        if unequal:  # a LoRALinear spanning several HF modules shares one A between them
+            raise ValueError(f"{file}: these modules share one lora_A in the model but differ in the file: {unequal}")
+        for key, target in own.items():
+            target.copy_(tensors[key])
     return model

@@ -23,6 +23,7 @@ from lowrank import (
     lora_parameters,
     lora_state_dict,
     merge_lora,
+    remove_lora,
     save_adapter,
     unmerge_lora,
 )
@@ -227,6 +228,20 @@ def test_merge_lora_on_a_model():
         torch.testing.assert_close(model(x), before, atol=0, rtol=0)
 
 
+def test_remove_lora_restores_the_plain_model():
+    model, x = toy_model(), torch.randn(2, 5, 24)
+    weights = {name: p for name, p in model.named_parameters()}
+    expected = model(x)
+    add_lora(model, LoRAConfig(rank=4, targets=("all",)))
+    merge_lora(model)
+    assert remove_lora(model) is model
+    assert not any(isinstance(m, lowrank.LoRALayer) for m in model.modules())
+    assert not hasattr(model, "lora_config")
+    assert {name: p for name, p in model.named_parameters()} == weights  # the same Parameter objects
+    torch.testing.assert_close(model(x), expected, atol=0, rtol=0)  # unmerged first: W bit for bit
+    add_lora(model, LoRAConfig(rank=2))  # adaptable again
+
+
 # ---------------------------------------------------------------- adapter files
 
 
@@ -271,6 +286,19 @@ def test_adapter_load_errors(tmp_path):
         load_adapter(toy_model(), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json not found"):
         load_adapter(toy_model(), tmp_path / "missing")
+
+
+def test_failed_adapter_load_leaves_the_model_as_it_was(tmp_path):
+    save_adapter(_trained_toy(), tmp_path / "a")
+    model = toy_model(dim=30)
+    model.blocks[0].attn.proj.requires_grad_(False)
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_adapter(model, tmp_path / "a")
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == trainable
+    assert not hasattr(model, "lora_config")
 
 
 def test_save_adapter_needs_an_adapted_model(tmp_path):

@@ -325,6 +325,17 @@ def test_shape_mismatch_names_key_and_shapes(exported):
         import_peft(model, exported)
 
 
+def test_refused_import_leaves_the_model_as_it_was(exported):
+    edit_config(exported, r=8, lora_alpha=16)
+    model, _ = tiny_encoder("bert")
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        import_peft(model, exported)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == trainable
+
+
 def test_rank_mismatch_with_config_names_keys(exported):
     edit_config(exported, r=8, lora_alpha=16)
     model, _ = tiny_encoder("bert")
