@@ -180,7 +180,8 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
             mask = regenerate_mask(*x2d.shape, dropout_p, seed, x2d.device).to(grad_x.dtype)
             grad_x.addcmul_(grad_shrunk @ lora_a, mask, value=1.0 / (1.0 - dropout_p))  # ... + (dS A) ⊙ D / (1 - p)
     if need_a:
-        grad_a = grad_shrunk.t() @ _dropped(x2d, dropout_p, seed)  # dA = dSᵀ Xd
+        # dA = dSᵀ Xd, computed as (Xdᵀ dS)ᵀ: BLAS runs this orientation about twice as fast on the CPU
+        grad_a = (_dropped(x2d, dropout_p, seed).t() @ grad_shrunk).t().contiguous()
     if need_b:
         grad_b = torch.empty_like(lora_b)
         for piece in pieces:
