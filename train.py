@@ -293,6 +293,11 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the processes (a new tensor; ``values`` in a single process)."""
+    return sum_over_processes(values.clone()) / world()[1]
+
+
 def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
     """torch.autocast to --precision's dtype (off for fp32); parameters stay fp32."""
     dtype = AUTOCAST_DTYPES[config.precision]
@@ -773,7 +778,8 @@ def u2a_loss(model: MultimodalClassifier, batch: dict[str, torch.Tensor], config
     labels = batch["label"]
     missing = drop_modalities(batch["draws"], len(model.modalities), config.missing_train_rate)
     output = model({m: batch[m] for m in model.modalities}, missing)
-    return F.cross_entropy(output.logits, labels) + config.align_weight * alignment_loss(output)
+    alignment = alignment_loss(output, row_counts=mean_over_processes)
+    return F.cross_entropy(output.logits, labels) + config.align_weight * alignment
 
 
 def fused(model: MultimodalClassifier | SharedHeadEnsemble, fill: str = "mask-token") -> Logits:

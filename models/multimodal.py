@@ -17,7 +17,7 @@ Missing inputs are always zeroed before encoding, so nothing of a missing modali
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -124,15 +124,26 @@ class MultimodalClassifier(nn.Module):
         return total / weights.sum(1, keepdim=True).clamp(min=1.0)
 
 
-def alignment_loss(output: FusionOutput) -> torch.Tensor:
+def alignment_loss(
+    output: FusionOutput, row_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Mean over modalities of MSE(ĥ_m, stopgrad(h_m)) on the samples where m and another modality are
-    present (U2A's λ-weighted term): it teaches the Mask Tokens to stand in for the real features."""
-    losses = []
+    present (U2A's λ-weighted term): it teaches the Mask Tokens to stand in for the real features.
+
+    Each modality's squared error is summed over its rows R_m and divided by n_m · D_m, where
+    n_m = ``row_counts``(|R_m| per modality, (M,)) (default: |R_m|). Under data parallelism pass the
+    counts summed over the P processes and divided by P: averaging the processes' gradients then
+    gives the gradient of the loss of the whole global batch, whatever share of R_m each one holds.
+    """
     with_company = output.present.sum(1) > 1  # ĥ_m needs another present modality to come from
+    rows = output.present & with_company[:, None]  # (B, M)
+    counts = rows.sum(0).to(output.logits.dtype)
+    counts = row_counts(counts) if row_counts is not None else counts
+    losses = []
     for i, m in enumerate(output.features):
-        rows = output.present[:, i] & with_company
-        if rows.any():
-            losses.append(F.mse_loss(output.generated[m][rows], output.features[m][rows].detach()))
+        if counts[i] > 0:
+            generated, real = output.generated[m][rows[:, i]], output.features[m][rows[:, i]].detach()
+            losses.append(F.mse_loss(generated, real, reduction="sum") / (counts[i] * real.shape[1]))
     return torch.stack(losses).mean() if losses else output.logits.new_zeros(())
 
 

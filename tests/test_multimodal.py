@@ -118,6 +118,26 @@ def test_alignment_loss_is_zero_when_generation_matches():
     assert alignment_loss(output).item() == 0.0
 
 
+def test_alignment_loss_with_global_row_counts_is_exact_under_data_parallelism():
+    """Shards holding 2 and 1 complete samples: with the row counts summed over the 2 shards and divided
+    by 2, the mean of the shards' gradients is the whole batch's (with each shard's own counts it is not)."""
+    model, inputs = tiny_classifier(), tiny_inputs()
+    missing = mask((False, False), (False, False), (False, False), (True, False))
+
+    def mask_token_grads(rows: slice, row_counts=None) -> torch.Tensor:
+        model.zero_grad()
+        output = model({m: x[rows] for m, x in inputs.items()}, missing[rows])
+        alignment_loss(output, row_counts).backward()
+        return torch.cat([model.mask_tokens[m].grad.flatten() for m in model.modalities])
+
+    def global_counts(counts: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(counts, (2 + 1) / 2)
+
+    whole, shards = mask_token_grads(slice(0, 4)), (slice(0, 2), slice(2, 4))
+    torch.testing.assert_close(sum(mask_token_grads(s, global_counts) for s in shards) / 2, whole)
+    assert not torch.allclose(sum(mask_token_grads(s) for s in shards) / 2, whole)
+
+
 @pytest.mark.parametrize(
     ("missing", "fill", "message"),
     [

@@ -37,7 +37,7 @@ DDP_TOLERANCE = 1e-4  # max |Δw| of one process vs two: fp32 summation order, a
 def argv(root: Path, name: str, *extra: str) -> list[str]:
     return [
         "--dataset", "synthetic", "--epochs", "1", "--unimodal-epochs", "1", "--batch-size", "16",
-        "--missing-test", "0.5", "--align-weight", "0", "--save-every", "1", "--device", "cpu",
+        "--missing-test", "0.5", "--save-every", "1", "--device", "cpu",
         "--out-dir", str(root / "runs"), "--cache-dir", str(root / "cache"), "--name", name, *extra,
     ]  # fmt: skip
 
