@@ -402,15 +402,36 @@ Logits = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor] 
 def predict(
     model: Logits, data: Dataset, config: TrainConfig, device: torch.device, missing: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits (N, C) of ``model`` over ``data`` in order (every process: all of it), under --precision's
-    autocast; ``missing`` (N, M) is handed out batch by batch."""
+    """Logits (N, C) of ``model`` over ``data`` in order, under --precision's autocast; ``missing`` (N, M)
+    goes with its samples. Under torchrun, process r predicts samples r, r + P, … and every process
+    receives all N rows."""
+    rank, processes = world()
+    if len(data) < processes:
+        raise ValueError(f"cannot share {len(data)} evaluation samples among {processes} processes")
+    shard = list(range(rank, len(data), processes))
     logits, start = [], 0
-    for batch in batches(data, config):
-        rows = None if missing is None else missing[start : start + len(batch["label"])].to(device)
+    for batch in DataLoader(data, config.batch_size, sampler=shard, generator=torch.Generator()):
+        size = len(batch["label"])
+        rows = None if missing is None else missing[shard[start : start + size]].to(device)
         with autocast(config, device):
-            logits.append(model(to_device(batch, device), rows).float().cpu())
-        start += len(batch["label"])
-    return torch.cat(logits)
+            logits.append(model(to_device(batch, device), rows).float())
+        start += size
+    return gather_shards(torch.cat(logits), len(data)).cpu()
+
+
+def gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
+    """(total, ...) on every process from each process r's rows r, r + P, … (``local``, on its device)."""
+    processes = world()[1]
+    if processes == 1:
+        return local
+    padded = local.new_zeros(math.ceil(total / processes), *local.shape[1:])
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(processes)]
+    dist.all_gather(parts, padded)
+    gathered = local.new_empty(total, *local.shape[1:])
+    for r, part in enumerate(parts):
+        gathered[r::processes] = part[: len(range(r, total, processes))]
+    return gathered
 
 
 def labels_of(data: Dataset, config: TrainConfig) -> torch.Tensor:

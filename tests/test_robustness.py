@@ -42,6 +42,15 @@ def argv(root: Path, name: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def numbers(tree: object) -> list[float]:
+    """The numbers of a JSON tree, in a fixed order."""
+    if isinstance(tree, dict):
+        return [x for key in sorted(tree) for x in numbers(tree[key])]
+    if isinstance(tree, list):
+        return [x for value in tree for x in numbers(value)]
+    return [tree]
+
+
 def command_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -258,6 +267,11 @@ def test_torchrun_two_processes_match_one(reference):
     assert run.stdout.count("wrote ") == 1  # rank 0 alone prints (and writes)
     one, two = load_file(reference / "adapter.safetensors"), load_file(root / "runs" / "ddp" / "adapter.safetensors")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < DDP_TOLERANCE
+    # each process tested half of the samples; gathered back in order, the accuracies are one process's
+    single, shared = (json.loads((run / "results.json").read_text()) for run in (reference, root / "runs" / "ddp"))
+    assert shared["merge_check"]["total"] == single["merge_check"]["total"]
+    accuracies = [numbers(results[key]) for results in (single, shared) for key in ("unimodal", "complete", "missing")]
+    assert accuracies[:3] == [pytest.approx(a, abs=1.5 / single["merge_check"]["total"]) for a in accuracies[3:]]
     assert not list((root / "runs" / "ddp").glob(".*"))  # no temporary file from a second writer
     with use_backend("torch"):  # its checkpoint resumes in one process
         assert train.main(["--resume", str(root / "runs" / "ddp")])["complete"] >= 0
