@@ -203,13 +203,13 @@ def measure_group(
         chosen = {name: p for name, p in providers.items() if mode == "fwd" or not p.inference_only}
         steps = {name: make_step(p, x, grad, mode) for name, p in chosen.items()}
         timings = time_steps(steps, device, **timer)
-        floor = next(iter(timings.values()))[0][1]
-        for name, ((p20, p50, p80), clock) in timings.items():
-            adapted = chosen[name].adapted
+        floor = next(iter(timings.values()))
+        for name, timing in timings.items():
+            (p20, p50, p80), adapted = timing.quantiles, chosen[name].adapted
             rows.append({
                 "group": group, "dtype": str(dtype).removeprefix("torch."), "M": shape.tokens,
                 "K": shape.in_features, "N": shape.out_features, "r": shape.rank, "mode": mode, "provider": name,
-                "timer": clock, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "ratio": p50 / floor,
+                "timer": timing.timer, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "ratio": timing.ratio_to(floor),
                 "lora_share": shape.lora_share(mode),
                 "tflops": shape.flops(mode, adapted) / p50 / 1e9,
                 "gbps": shape.bytes_moved(mode, adapted, x.element_size()) / p50 / 1e6,

@@ -107,12 +107,13 @@ def run(dtypes: list[torch.dtype], device: torch.device, quick: bool = False, ti
         setups = {method: training_setup(encoder, method, dtype, device) for method in METHODS}
         timings = time_steps({method: setup.step for method, setup in setups.items()}, device, **(timer or {}))
         for method, setup in setups.items():
-            (p20, p50, p80), clock = timings[method]
+            timing = timings[method]
+            (p20, p50, p80) = timing.quantiles
             rows.append({
                 "model": encoder.name, "batch": encoder.batch, "dtype": str(dtype).removeprefix("torch."),
-                "method": method, "trainable": setup.trainable, "timer": clock,
+                "method": method, "trainable": setup.trainable, "timer": timing.timer,
                 "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
-                "ratio": p50 / timings["full"][0][1], "peak_mb": peak_memory_mb(setup.step, device),
+                "ratio": timing.ratio_to(timings["full"]), "peak_mb": peak_memory_mb(setup.step, device),
                 "state_mb": setup.state_mb(),
             })  # fmt: skip
     return rows
