@@ -7,7 +7,7 @@ every parameter. Per encoder, ``P`` parameters and ``T`` tokens: full ≈ 6PT FL
 2PT, dX 2PT, dW 2PT), LoRA ≈ 4PT plus its small share, so LoRA's floor is ≈ 0.67×.
 
 Memory: ``peak_mb`` is the most a step allocates beyond what exists before it
-(activations, gradients, temporaries; see bench/memory.py for how, per device);
+(activations, gradients, temporaries; see lowrank/memory.py for how, per device);
 ``state_mb`` is what exists before it: parameters plus optimizer state, summed exactly.
 """
 
