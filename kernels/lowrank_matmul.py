@@ -9,12 +9,17 @@
   output may be split into segments (q, k, v) that each read only their own slice of L, R.
 
 Operands are passed as (possibly strided) 2-D views, so transposes cost nothing.
+Autotuning is keyed on the fixed sizes (N, K, r) and on the varying M rounded up to a power
+of two, so a new batch size retunes at most once per octave; ``LOWRANK_AUTOTUNE=0`` turns
+the sweep off (one config per dot kind).
 The dropout mask of element (m, k) of X is ``keep_mask(seed, m · K + k, p)``; every
 kernel that needs it regenerates it from the same (seed, offset), so forward and
 backward agree without an M × K mask in memory.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -60,8 +65,18 @@ def _tile_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Co
     ]
 
 
+def autotuning() -> bool:
+    """False when ``LOWRANK_AUTOTUNE=0``: each kernel then has one config per dot kind (the first of each
+    list), so a new shape compiles once instead of sweeping tiles (the GPU test run, quick experiments)."""
+    return os.environ.get("LOWRANK_AUTOTUNE", "1") != "0"
+
+
+def _swept(tiles: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    return tiles if autotuning() else tiles[:1]
+
+
 def _fused_configs() -> list[triton.Config]:
-    return _tile_configs([_INTERPRETER_TILE] if interpreting() else _GPU_TILES + _FMA_TILES)
+    return _tile_configs([_INTERPRETER_TILE] if interpreting() else _swept(_GPU_TILES) + _swept(_FMA_TILES))
 
 
 def _is_fma_tile(config: triton.Config) -> bool:
@@ -76,7 +91,7 @@ def prune_fused_configs(configs: list[triton.Config], named_args: dict, **kwargs
 
 
 def _skinny_configs() -> list[triton.Config]:
-    tiles = [_INTERPRETER_SKINNY] if interpreting() else _GPU_SKINNY
+    tiles = [_INTERPRETER_SKINNY] if interpreting() else _swept(_GPU_SKINNY)
     return [triton.Config({"BLOCK_I": i, "BLOCK_J": j}, num_warps=w, num_stages=s) for i, j, w, s in tiles]
 
 
@@ -86,11 +101,11 @@ def keep_mask(seed, offsets, p):
     return tl.rand(seed, offsets) >= p
 
 
-@triton.autotune(configs=_skinny_configs(), key=["ROWS", "INNER", "RANK"])
+@triton.autotune(configs=_skinny_configs(), key=["ROWS_BUCKET", "INNER_BUCKET", "RANK"])
 @triton.jit
 def _skinny_matmul_kernel(
     p_ptr, q_ptr, out_ptr,
-    ROWS, INNER, RANK,
+    ROWS, INNER, RANK, ROWS_BUCKET, INNER_BUCKET,
     stride_pi, stride_pj, stride_qj, stride_qr, stride_oi, stride_or,
     mask_stride_i, mask_stride_j,
     scale, dropout_p, seed,
@@ -129,12 +144,14 @@ def _skinny_matmul_kernel(
 
 
 @triton.autotune(
-    configs=_fused_configs(), key=["M", "N", "K", "RANK"], prune_configs_by={"early_config_prune": prune_fused_configs}
+    configs=_fused_configs(),
+    key=["M_BUCKET", "N", "K", "RANK", "PRECISION"],
+    prune_configs_by={"early_config_prune": prune_fused_configs},
 )
 @triton.jit
 def _fused_matmul_kernel(
     p_ptr, q_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
-    M, N, K, RANK, SEGMENT, SLOT_0, SLOT_1, SLOT_2,
+    M, N, K, RANK, M_BUCKET, SEGMENT, SLOT_0, SLOT_1, SLOT_2,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on,
     scale, dropout_p, seed,
@@ -226,7 +243,7 @@ def skinny_matmul(
         return out.zero_()
     _skinny_matmul_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_I"]),)](
         p, q, out,
-        rows, inner, rank,
+        rows, inner, rank, triton.next_power_of_2(rows), triton.next_power_of_2(inner),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         mask_strides[0], mask_strides[1],
         scale, dropout_p, seed,
@@ -263,7 +280,7 @@ def fused_matmul(
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
     _fused_matmul_kernel[grid](
         p, q, bias if bias is not None else out, low, high, out,
-        rows, cols, inner, rank, cols // len(slots), *slot_args,
+        rows, cols, inner, rank, triton.next_power_of_2(rows), cols // len(slots), *slot_args,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), low.stride(0), low.stride(1),
         high.stride(0), high.stride(1), out.stride(0), out.stride(1),
         scale, dropout_p, seed,

@@ -223,3 +223,12 @@ def test_fp32_ieee_launches_get_fma_tiles_and_others_tensor_core_tiles():
 
     assert tiles(fp32, "ieee") == {(m, n) for m, n, *_ in lm._FMA_TILES}
     assert tiles(fp32, "tf32") == tiles(bf16, "ieee") == {(m, n) for m, n, *_ in lm._GPU_TILES}
+
+
+def test_autotune_switch_keeps_one_tile_per_dot_kind(monkeypatch):
+    from kernels import lowrank_matmul as lm
+
+    assert lm._swept(lm._GPU_TILES) == lm._GPU_TILES
+    monkeypatch.setenv("LOWRANK_AUTOTUNE", "0")
+    assert lm._swept(lm._GPU_TILES) == lm._GPU_TILES[:1]
+    assert lm._swept(lm._FMA_TILES) == lm._FMA_TILES[:1]
