@@ -4,7 +4,9 @@ A step is: zero the gradients, forward a batch, cross-entropy of a linear head o
 class feature, backward, AdamW step. LoRA trains the adapters and the head (the base
 weights are frozen: no dW GEMMs, no optimizer state for them); full fine-tuning trains
 every parameter. Per encoder, ``P`` parameters and ``T`` tokens: full ≈ 6PT FLOPs (fwd
-2PT, dX 2PT, dW 2PT), LoRA ≈ 4PT plus its small share, so LoRA's floor is ≈ 0.67×.
+2PT, dX 2PT, dW 2PT), LoRA ≈ 4PT plus its small share, so LoRA's floor is ≈ 0.67× in
+GEMMs; attention, norms and activations cost both the same. The "frozen" row (no adapters,
+dX through every layer) measures that floor.
 
 Memory: ``peak_mb`` is the most a step allocates beyond what exists before it
 (activations, gradients, temporaries; see lowrank/memory.py for how, per device);
@@ -26,7 +28,9 @@ from lowrank import LoRAConfig, add_lora, lora_parameters
 from lowrank.memory import peak_memory_mb
 from models import ViT, ViTConfig, create_model
 
-METHODS = ("full", "lora")
+# "frozen": no adapters, every encoder weight frozen, the input requiring grad, so backward still runs
+# dX through every layer: the floor of any adapter method (LoRA also skips the patch embedding's dX).
+METHODS = ("full", "lora", "frozen")
 # The library's defaults (r = 8, alpha = 16, q and v): what a user gets from LoRAConfig().
 LORA = LoRAConfig()
 CLASSES = 10  # AV-MNIST digits
@@ -85,14 +89,19 @@ def training_setup(encoder: Encoder, method: str, dtype: torch.dtype, device: to
     if method == "lora":
         add_lora(model, LORA)
         trainable = [*lora_parameters(model), *head.parameters()]
+    elif method == "frozen":
+        model.requires_grad_(False)
+        trainable = list(head.parameters())
     else:
         trainable = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     inputs = torch.randn(encoder.batch, *encoder.input_shape, device=device, dtype=dtype)
+    inputs.requires_grad_(method == "frozen")
     labels = torch.randint(0, CLASSES, (encoder.batch,), device=device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
+        inputs.grad = None
         _, cls = model(inputs)
         F.cross_entropy(head(cls).float(), labels).backward()
         optimizer.step()
