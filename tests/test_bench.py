@@ -55,10 +55,11 @@ def test_train_quick_writes_a_csv_and_a_plot(tmp_path):
         assert_timed(row)
         assert float(row["state_mb"]) > 0
     assert {(r["model"], r["method"]) for r in rows} == {
-        (model, method) for model in ("vit_avmnist_tiny", "ast_avmnist_tiny") for method in ("full", "lora")
+        (model, method) for model in ("vit_avmnist_tiny", "ast_avmnist_tiny") for method in ("full", "lora", "frozen")
     }
-    full = {r["model"]: int(r["trainable"]) for r in rows if r["method"] == "full"}
-    assert all(int(r["trainable"]) < full[r["model"]] for r in rows if r["method"] == "lora")
+    trainable = {(r["model"], r["method"]): int(r["trainable"]) for r in rows}
+    for model in ("vit_avmnist_tiny", "ast_avmnist_tiny"):
+        assert trainable[model, "frozen"] < trainable[model, "lora"] < trainable[model, "full"]
 
 
 def fake_run(folder: Path, seed: int, complete: float, **config_changes) -> Path:
