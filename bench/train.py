@@ -28,8 +28,8 @@ from lowrank import LoRAConfig, add_lora, lora_parameters
 from lowrank.memory import peak_memory_mb
 from models import ViT, ViTConfig, create_model
 
-# "frozen": no adapters, every encoder weight frozen, the input requiring grad, so backward still runs
-# dX through every layer: the floor of any adapter method (LoRA also skips the patch embedding's dX).
+# "frozen": no adapters, every encoder weight frozen, the patch embedding's output requiring grad, so
+# backward still runs dX through every transformer block: the floor of any adapter method.
 METHODS = ("full", "lora", "frozen")
 # The library's defaults (r = 8, alpha = 16, q and v): what a user gets from LoRAConfig().
 LORA = LoRAConfig()
@@ -91,17 +91,16 @@ def training_setup(encoder: Encoder, method: str, dtype: torch.dtype, device: to
         trainable = [*lora_parameters(model), *head.parameters()]
     elif method == "frozen":
         model.requires_grad_(False)
+        model.patch_embed.register_forward_hook(lambda module, args, patches: patches.requires_grad_())
         trainable = list(head.parameters())
     else:
         trainable = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     inputs = torch.randn(encoder.batch, *encoder.input_shape, device=device, dtype=dtype)
-    inputs.requires_grad_(method == "frozen")
     labels = torch.randint(0, CLASSES, (encoder.batch,), device=device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        inputs.grad = None
         _, cls = model(inputs)
         F.cross_entropy(head(cls).float(), labels).backward()
         optimizer.step()
