@@ -14,7 +14,8 @@ from a seed, never stored.
 
 Triton path: S, dS, dA, dB are rank-wide "skinny" GEMMs; Y and dX are one GEMM each
 with the rank-r expand in the epilogue (kernels/lowrank_matmul.py). Torch path (CPU):
-the same algebra with in-place addmm, no temporaries beyond S and dS.
+the same algebra in whole-tensor GEMMs, with W + s·B A folded first where that is cheaper
+(``folds_adapters``) and the adapters of q, k, v spread over one B (``spread_b``).
 
 LoRAFunction also serves kernels/lora_qkv.py: there the output is split into equal
 segments (q, k, v), each with its own adapter slot (its r columns of S, its rows of B)
@@ -126,28 +127,27 @@ def folds_adapters(rows: int, weight_dim: int, dtype: torch.dtype, dropout_p: fl
     return dropout_p == 0 and dtype == torch.float32 and weight_dim < rows
 
 
-def fold_adapters(
-    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, pieces: list[AdapterSlice]
-) -> torch.Tensor:
-    """W' [N, K]: W + s · B_j A_j on each adapted output segment, W elsewhere (a new tensor)."""
-    adapted_rows = sum(piece.out_cols.stop - piece.out_cols.start for piece in pieces)
-    folded = torch.empty_like(weight) if adapted_rows == weight.shape[0] else weight.clone()
+def spread_b(lora_b: torch.Tensor, pieces: list[AdapterSlice], out_features: int) -> torch.Tensor:
+    """B laid out over the whole output, [N, n·r]: B_j in its segment's rows and its slot's r columns,
+    zero elsewhere (B itself for a plain LoRA linear). Then every adapter's product is one GEMM:
+    Σ_j S_j B_jᵀ per segment = S B_spreadᵀ, dS = s · G B_spread, and the B_j blocks of s · Gᵀ S are dB.
+    A GEMM that reads G (or writes Y) once, whole, beats one strided call per adapter on the CPU."""
+    if len(pieces) == 1 and pieces[0].out_cols == slice(0, out_features):
+        return lora_b
+    spread = lora_b.new_zeros(out_features, len(pieces) * lora_b.shape[1])
     for piece in pieces:
-        rows = piece.out_cols
-        torch.addmm(weight[rows], lora_b[piece.b_rows], lora_a[piece.s_cols], alpha=scale, out=folded[rows])
-    return folded
+        spread[piece.out_cols, piece.s_cols] = lora_b[piece.b_rows]
+    return spread
 
 
 def _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces, keep_shrunk):
     fold = folds_adapters(x2d.shape[0], x2d.shape[1], x2d.dtype, dropout_p)
     shrunk = _dropped(x2d, dropout_p, seed) @ lora_a.t() if keep_shrunk or not fold else None  # S = Xd Aᵀ [M, n·r]
-    if fold:
-        return F.linear(x2d, fold_adapters(weight, lora_a, lora_b, scale, pieces), bias), shrunk
+    spread = spread_b(lora_b, pieces, weight.shape[0])
+    if fold:  # Y = X (W + s · B A)ᵀ + b
+        return F.linear(x2d, torch.addmm(weight, spread, lora_a, alpha=scale), bias), shrunk
     out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-    for piece in pieces:
-        # out[:, segment] += scale * S_j @ B_jᵀ
-        out[:, piece.out_cols].addmm_(shrunk[:, piece.s_cols], lora_b[piece.b_rows].t(), alpha=scale)
-    return out, shrunk
+    return out.addmm_(shrunk, spread.t(), alpha=scale), shrunk  # Y = X Wᵀ + b + s · S Bᵀ
 
 
 def _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
@@ -164,14 +164,12 @@ def _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, s
 def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, pieces, needs):
     need_x, need_a, need_b = needs
     grad_x = grad_a = grad_b = None
+    spread = spread_b(lora_b, pieces, weight.shape[0])
     fold = need_x and folds_adapters(grad.shape[0], grad.shape[1], grad.dtype, dropout_p)
     if need_a or (need_x and not fold):
-        grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0])
-        for piece in pieces:
-            # dS_j = scale * G_g @ B_j
-            grad_shrunk[:, piece.s_cols].addmm_(grad[:, piece.out_cols], lora_b[piece.b_rows], beta=0, alpha=scale)
+        grad_shrunk = grad @ (spread * scale)  # dS = s · G B  [M, n·r]
     if fold:
-        grad_x = grad @ fold_adapters(weight, lora_a, lora_b, scale, pieces)  # dX = G (W + s · B A) = G W + dS A
+        grad_x = grad @ torch.addmm(weight, spread, lora_a, alpha=scale)  # dX = G (W + s · B A) = G W + dS A
     elif need_x:
         grad_x = grad @ weight  # dX = G W ...
         if dropout_p == 0:
@@ -183,10 +181,8 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
         # dA = dSᵀ Xd, computed as (Xdᵀ dS)ᵀ: BLAS runs this orientation about twice as fast on the CPU
         grad_a = (_dropped(x2d, dropout_p, seed).t() @ grad_shrunk).t().contiguous()
     if need_b:
-        grad_b = torch.empty_like(lora_b)
-        for piece in pieces:
-            # dB_j = scale * G_gᵀ @ S_j
-            grad_b[piece.b_rows].addmm_(grad[:, piece.out_cols].t(), shrunk[:, piece.s_cols], beta=0, alpha=scale)
+        spread_grad = (grad.t() @ shrunk).mul_(scale)  # s · Gᵀ S  [N, n·r]; its B_j blocks are dB_j
+        grad_b = spread_grad if spread is lora_b else torch.cat([spread_grad[p.out_cols, p.s_cols] for p in pieces])
     return grad_x, grad_a, grad_b
 
 
