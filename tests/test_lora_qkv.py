@@ -54,9 +54,10 @@ def test_qkv_matches_reference(backend, dtype, projections, tokens, in_features,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("projections", SUBSETS, ids="".join)
-def test_qkv_equals_three_separate_lora_linear_calls(backend, projections):
+@pytest.mark.parametrize("rank", [3, 17], ids=["r3", "r17"])  # torch path: n·r above SPREAD_COLUMNS too
+def test_qkv_equals_three_separate_lora_linear_calls(backend, projections, rank):
     """Adapted thirds are lora_linear with their own A_p, B_p; the others are the plain linear."""
-    width, in_features, rank = 19, 21, 3
+    width, in_features = 19, 21
     x, weight, bias, lora_a, lora_b = make_qkv(37, in_features, width, rank, projections, torch.float32, seed=1)
     with use_backend(backend):
         fused = lora_qkv(x, weight, bias, lora_a, lora_b, 2.0, projections)
