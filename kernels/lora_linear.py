@@ -176,8 +176,8 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
         grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0])
         for piece in pieces:  # dS_j = s · G_g B_j
             grad_shrunk[:, piece.s_cols].addmm_(grad[:, piece.out_cols], lora_b[piece.b_rows], beta=0, alpha=scale)
-    elif need_a or (need_x and not fold):
-        grad_shrunk = grad @ (spread * scale)  # dS = s · G B  [M, n·r]
+    elif need_a or (need_x and not fold):  # dS = s · G B  [M, n·r]; s applied to the fp32 accumulator (fp16)
+        grad_shrunk = grad.new_empty(grad.shape[0], spread.shape[1]).addmm_(grad, spread, beta=0, alpha=scale)
     if fold:
         grad_x = grad @ torch.addmm(weight, spread, lora_a, alpha=scale)  # dX = G (W + s · B A) = G W + dS A
     elif need_x:
@@ -195,7 +195,8 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
         for piece in pieces:  # dB_j = s · G_gᵀ S_j
             grad_b[piece.b_rows].addmm_(grad[:, piece.out_cols].t(), shrunk[:, piece.s_cols], beta=0, alpha=scale)
     elif need_b:
-        spread_grad = (grad.t() @ shrunk).mul_(scale)  # s · Gᵀ S  [N, n·r]; its B_j blocks are dB_j
+        # s · Gᵀ S  [N, n·r]; its B_j blocks are dB_j
+        spread_grad = grad.new_empty(spread.shape).addmm_(grad.t(), shrunk, beta=0, alpha=scale)
         grad_b = spread_grad if spread is lora_b else torch.cat([spread_grad[p.out_cols, p.s_cols] for p in pieces])
     return grad_x, grad_a, grad_b
 
