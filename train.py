@@ -1253,7 +1253,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_paths(config)
     device = setup_device(config)  # under torchrun, every process has passed the checks above after this
     try:
-        return run(config, run_dir, device)
+        results = run(config, run_dir, device)
+        if dist.is_initialized():
+            dist.barrier()  # no process tears the group down while another still uses it
+        return results
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
