@@ -172,11 +172,12 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
     spread = spread_b(lora_b, pieces, weight.shape[0])
     per_adapter = spread is not lora_b and spread.shape[1] > SPREAD_COLUMNS
     fold = need_x and folds_adapters(grad.shape[0], grad.shape[1], grad.dtype, dropout_p)
-    if (need_a or (need_x and not fold)) and per_adapter:
+    need_shrunk_grad = need_a or (need_x and not fold)  # a folded dX needs no dS
+    if need_shrunk_grad and per_adapter:
         grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0])
         for piece in pieces:  # dS_j = s · G_g B_j
             grad_shrunk[:, piece.s_cols].addmm_(grad[:, piece.out_cols], lora_b[piece.b_rows], beta=0, alpha=scale)
-    elif need_a or (need_x and not fold):  # dS = s · G B  [M, n·r]; s applied to the fp32 accumulator (fp16)
+    elif need_shrunk_grad:  # dS = s · G B  [M, n·r]; s applied to the fp32 accumulator (fp16)
         grad_shrunk = grad.new_empty(grad.shape[0], spread.shape[1]).addmm_(grad, spread, beta=0, alpha=scale)
     if fold:
         grad_x = grad @ torch.addmm(weight, spread, lora_a, alpha=scale)  # dX = G (W + s · B A) = G W + dS A

@@ -38,7 +38,9 @@ _UNPOOLED_MMAP_BYTES = 64 * 1024
 _POOLED_MMAP_BYTES, _POOLED_TRIM_BYTES = 32 * 2**20, 64 * 2**20
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """libc, once per process (find_library runs ldconfig); None without glibc's mallopt / malloc_trim."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
