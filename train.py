@@ -72,8 +72,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from lowrank import LoRAConfig, add_lora, merge_lora, unmerge_lora
-from lowrank.io import CorruptFileError, read_safetensors, read_torch_file, staged, state_dict_problems
-from lowrank.memory import PeakMemory
+from lowrank_util.files import CorruptFileError, read_safetensors, read_torch_file, staged, state_dict_problems
+from lowrank_util.memory import PeakMemory
 from mmdata import DATASETS, get_dataset
 from mmdata.standardize import Standardized, input_statistics
 from models import MODEL_REGISTRY, TransformerEncoder, create_model

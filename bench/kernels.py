@@ -31,7 +31,7 @@ from torch import nn
 from bench.timing import time_steps
 from kernels.merge import merge_weight
 from lowrank import LoRALinear, LoRAQKVLinear
-from lowrank.memory import peak_memory_mb
+from lowrank_util.memory import peak_memory_mb
 
 MODES = ("fwd", "fwd+bwd")
 # GEMM passes per mode: (base, LoRA), see the module docstring.

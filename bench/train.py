@@ -9,7 +9,7 @@ GEMMs; attention, norms and activations cost both the same. The "frozen" row (no
 dX through every layer) measures that floor.
 
 Memory: ``peak_mb`` is the most a step allocates beyond what exists before it
-(activations, gradients, temporaries; see lowrank/memory.py for how, per device);
+(activations, gradients, temporaries; see lowrank_util/memory.py for how, per device);
 ``state_mb`` is what exists before it: parameters plus optimizer state, summed exactly.
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from bench.timing import time_steps
 from lowrank import LoRAConfig, add_lora, lora_parameters
-from lowrank.memory import peak_memory_mb
+from lowrank_util.memory import peak_memory_mb
 from models import ViT, ViTConfig, create_model
 
 # "frozen": no adapters, every encoder weight frozen, the patch embedding's output requiring grad, so

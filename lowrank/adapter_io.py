@@ -20,8 +20,9 @@ from torch import nn
 
 from lowrank.config import LoRAConfig
 from lowrank.inject import provisional_lora
-from lowrank.io import read_json, read_safetensors, staged, state_dict_problems
 from lowrank.state import lora_layers, lora_state_dict
+from lowrank_util.errors import MismatchError
+from lowrank_util.files import read_json, read_safetensors, staged, state_dict_problems
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,7 +48,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
     file = Path(path) / CONFIG_FILE
     document = read_json(file, f"; is {path} an adapter saved by save_adapter?")
     if not isinstance(document, dict) or document.get("format") != FORMAT or "config" not in document:
-        raise ValueError(f"{file} is not a lowrank adapter config (expected format {FORMAT!r})")
+        raise MismatchError(f"{file} is not a lowrank adapter config (expected format {FORMAT!r})")
     return LoRAConfig.from_dict(document["config"])
 
 
@@ -58,7 +59,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     On any error (corrupt file, missing/unexpected keys, wrong shapes) the model is left as it was."""
     config = read_adapter_config(path)
     if lora_layers(model) and getattr(model, "lora_config", None) != config:
-        raise ValueError(
+        raise MismatchError(
             f"the model's adapters were built with {getattr(model, 'lora_config', None)} but {path} holds {config}"
         )
     if any(layer.merged for layer in lora_layers(model)):
@@ -69,7 +70,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         own = lora_state_dict(model)
         problems = state_dict_problems(own, tensors)
         if problems:
-            raise ValueError(f"{file} does not fit the model: " + "; ".join(problems))
+            raise MismatchError(f"{file} does not fit the model: " + "; ".join(problems))
         for name, tensor in tensors.items():
             own[name].copy_(tensor)
     return model

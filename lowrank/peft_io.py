@@ -38,10 +38,11 @@ from kernels.lora_qkv import PROJECTIONS
 from lowrank.adapter_io import CONFIG_FILE, WEIGHTS_FILE
 from lowrank.config import LoRAConfig
 from lowrank.inject import TARGET_PATTERNS, provisional_lora
-from lowrank.io import MAX_KEYS_SHOWN, read_json, read_safetensors, staged, state_dict_problems
 from lowrank.layer import LoRALayer
 from lowrank.qkv import LoRAQKVLinear
 from lowrank.state import lora_layers
+from lowrank_util.errors import MismatchError
+from lowrank_util.files import MAX_KEYS_SHOWN, read_json, read_safetensors, staged, state_dict_problems
 
 ModulePaths = dict[str, tuple[str, ...]]  # our module path → HF module path per row block
 
@@ -159,7 +160,7 @@ def export_peft(
     if config.bias != "none":
         raise ValueError(
             f"bias={config.bias!r} trains base biases, which a peft LoRA adapter does not carry; train with "
-            "bias='none', or write a merged checkpoint (python -m lowrank.convert merge)"
+            "bias='none', or write a merged checkpoint (python -m models.convert merge)"
         )
     tensors = {key: tensor.clone() for key, tensor in peft_tensors(model, naming).items()}  # unshared for safetensors
     target_modules = sorted({PEFT_KEY.fullmatch(key)["module"] for key in tensors})
@@ -180,25 +181,27 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     document = read_json(file, f"; is {path} a peft adapter directory?")
     if not isinstance(document, dict) or "peft_type" not in document:
-        raise ValueError(f"{file} is not a peft adapter config (no peft_type); lowrank's own adapters use load_adapter")
+        raise MismatchError(
+            f"{file} is not a peft adapter config (no peft_type); lowrank's own adapters use load_adapter"
+        )
     if document["peft_type"] != "LORA":
-        raise ValueError(f"{file}: peft_type {document['peft_type']!r} is not supported; only LORA adapters import")
+        raise MismatchError(f"{file}: peft_type {document['peft_type']!r} is not supported; only LORA adapters import")
     used = [f"{option} ({meaning})" for option, meaning in UNSUPPORTED_OPTIONS.items() if document.get(option)]
     if used:
-        raise ValueError(f"{file} uses peft options that lowrank cannot represent: {', '.join(used)}")
+        raise MismatchError(f"{file} uses peft options that lowrank cannot represent: {', '.join(used)}")
     init = document.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise ValueError(
+        raise MismatchError(
             f"{file}: init_lora_weights={init!r} changed the base weights; convert the adapter with peft "
             "(save_pretrained(path_initial_model_for_weight_conversion=...)) first"
         )
     if document.get("bias", "none") != "none":
-        raise ValueError(f"{file}: bias={document['bias']!r} (trained base biases) is not supported; only 'none'")
+        raise MismatchError(f"{file}: bias={document['bias']!r} (trained base biases) is not supported; only 'none'")
     rank, alpha = document.get("r", 8), document.get("lora_alpha", 8)  # peft's defaults
     for option, value in (("rank_pattern", rank), ("alpha_pattern", alpha)):
         differing = {module: v for module, v in (document.get(option) or {}).items() if v != value}
         if differing:
-            raise ValueError(
+            raise MismatchError(
                 f"{file}: {option} {differing} differs from the global value {value}; lowrank gives every adapter "
                 "one rank and one alpha"
             )
@@ -221,7 +224,7 @@ def _resolve_modules(model: nn.Module, hf_modules: set[str]) -> tuple[str, dict[
             break
     else:
         naming, unknown = min(unknown_by_naming.items(), key=lambda item: len(item[1]))
-        raise ValueError(
+        raise MismatchError(
             f"the adapter has LoRA weights for {len(unknown)} module(s) that {type(model).__name__} has no "
             f"equivalent for: {', '.join(unknown[:MAX_KEYS_SHOWN])} (compared with its {naming!r} HF module paths)"
         )
@@ -252,7 +255,7 @@ def _targets(adapted: dict[str, set[int]], paths: ModulePaths) -> tuple[str, ...
     for index, projection in enumerate(PROJECTIONS):
         holders = {name for name in fused if index in adapted.get(name, ())}
         if holders and holders != fused:
-            raise ValueError(
+            raise MismatchError(
                 f"the adapter adapts {projection} in {len(holders)} of {len(fused)} layers; lowrank's fused q/k/v "
                 "adapters take a projection in every layer or in none"
             )
@@ -283,7 +286,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     not_lora = {key: tensor for key, tensor in tensors.items() if not PEFT_KEY.fullmatch(key)}
     if not_lora or not tensors:
         found = "; ".join(state_dict_problems({}, not_lora)) or "no tensors"
-        raise ValueError(f"{file} is not a plain LoRA adapter (base_model.model.<module>.lora_A/B.weight): {found}")
+        raise MismatchError(f"{file} is not a plain LoRA adapter (base_model.model.<module>.lora_A/B.weight): {found}")
     naming, resolved = _resolve_modules(model, {PEFT_KEY.fullmatch(key)["module"] for key in tensors})
     adapted: dict[str, set[int]] = {}
     for mine, block in resolved.values():
@@ -292,7 +295,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if lora_layers(model):
         existing = model.lora_config
         if (existing.rank, existing.scale) != (config.rank, config.scale):
-            raise ValueError(
+            raise MismatchError(
                 f"the model's adapters have rank {existing.rank}, scale {existing.scale:g}; {path} has rank "
                 f"{config.rank}, scale {config.scale:g}"
             )
@@ -302,10 +305,12 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         own = peft_tensors(model, naming)
         problems = state_dict_problems(own, tensors)
         if problems:
-            raise ValueError(f"{file} does not fit {type(model).__name__}: " + "; ".join(problems))
+            raise MismatchError(f"{file} does not fit {type(model).__name__}: " + "; ".join(problems))
         unequal = _differing_aliases(own, tensors)
         if unequal:  # a LoRALinear spanning several HF modules shares one A between them
-            raise ValueError(f"{file}: these modules share one lora_A in the model but differ in the file: {unequal}")
+            raise MismatchError(
+                f"{file}: these modules share one lora_A in the model but differ in the file: {unequal}"
+            )
         for key, target in own.items():
             target.copy_(tensors[key])
     return model

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from lowrank_util.errors import UnknownNameError
+
 DATASETS: dict[str, str] = {
     "avmnist": "mmdata.avmnist:avmnist",
     "avmnist-mini": "mmdata.avmnist:avmnist_mini",
@@ -27,6 +29,6 @@ def get_dataset(name: str, split: str, data_dir: str | Path | None = None, **opt
     options:  passed to the factory (AV-MNIST: audio_snr, seed, source_dir, cache_dir).
     """
     if name not in DATASETS:
-        raise KeyError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
+        raise UnknownNameError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
     module, function = DATASETS[name].split(":")
     return getattr(importlib.import_module(module), function)(split, data_dir, **options)

@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lowrank.io import staged
+from lowrank_util.errors import ConfigError, CorruptFileError, MissingFileError
+from lowrank_util.files import staged
 from mmdata import sources
 from mmdata.sources import RemoteFile
 
@@ -96,7 +97,7 @@ def parse_snr(value: float | str | None) -> float | None:
     try:
         return float(value)
     except ValueError as err:
-        raise ValueError(f"audio_snr must be a number of dB or 'clean', got {value!r}") from err
+        raise ConfigError(f"audio_snr must be a number of dB or 'clean', got {value!r}") from err
 
 
 # ----------------------------------------------------------------------------- image: PCA
@@ -129,7 +130,7 @@ def parse_recording(name: str) -> tuple[int, str, int]:
         digit, speaker, take = Path(name).stem.split("_")
         return int(digit), speaker, int(take)
     except ValueError as err:
-        raise ValueError(f"{name}: not an FSDD recording name {{digit}}_{{speaker}}_{{take}}.wav") from err
+        raise CorruptFileError(f"{name}: not an FSDD recording name {{digit}}_{{speaker}}_{{take}}.wav") from err
 
 
 def fit_clip(wave: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:
@@ -181,7 +182,7 @@ def pair_recordings(labels: np.ndarray, pool: list[str], rng: np.random.Generato
     for digit in np.unique(labels):
         choices = by_digit[int(digit)]
         if not choices:
-            raise ValueError(f"no recording of digit {digit} in this split's takes")
+            raise CorruptFileError(f"no recording of digit {digit} in this split's takes")
         where = np.flatnonzero(labels == digit)
         order = rng.permutation(len(choices))
         paired[where] = [choices[order[i % len(choices)]] for i in range(len(where))]
@@ -221,7 +222,7 @@ def _read_raw(raw: RawSources, roots: Iterable[Path] | None) -> tuple[np.ndarray
     labels = [sources.read_idx(sources.fetch(f, roots)) for f in raw.labels]
     for image_file, img, lab in zip(raw.images, images, labels, strict=True):
         if img.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(img) != len(lab):
-            raise ValueError(f"{image_file.relpath}: images {img.shape} do not match {len(lab)} labels")
+            raise CorruptFileError(f"{image_file.relpath}: images {img.shape} do not match {len(lab)} labels")
     return (
         np.concatenate(images),
         np.concatenate(labels),
@@ -363,13 +364,13 @@ def build(
 def _load_array(path: Path, shape_tail: tuple[int, ...]) -> np.ndarray:
     """np.load(path, mmap) checking rank and trailing shape; every failure names the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (MultiBench layout: image/, audio/, *_labels.npy)")
+        raise MissingFileError(f"{path}: missing (MultiBench layout: image/, audio/, *_labels.npy)")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
-        raise ValueError(f"{path}: not a readable .npy file ({err})") from err
+        raise CorruptFileError(f"{path}: not a readable .npy file ({err})") from err
     if array.ndim != 1 + len(shape_tail) or array.shape[1:] != shape_tail:
-        raise ValueError(f"{path}: shape {array.shape}, expected (N, {', '.join(map(str, shape_tail))})")
+        raise CorruptFileError(f"{path}: shape {array.shape}, expected (N, {', '.join(map(str, shape_tail))})")
     return array
 
 
@@ -380,9 +381,9 @@ def _load_split_files(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarra
     audio = _load_array(data_dir / "audio" / f"{split}_data.npy", (SPEC_SIZE, SPEC_SIZE))
     labels = np.asarray(_load_array(labels_path, ()))
     if not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"{labels_path}: labels must be integers 0–9, got {labels.dtype}")
+        raise CorruptFileError(f"{labels_path}: labels must be integers 0–9, got {labels.dtype}")
     if not len(image) == len(audio) == len(labels):
-        raise ValueError(
+        raise CorruptFileError(
             f"{data_dir}: {split} sizes differ: image {len(image)}, audio {len(audio)}, labels {len(labels)}"
         )
     return image, audio, labels
@@ -413,7 +414,7 @@ def load_multibench(data_dir: str | Path, split: str, seed: int = 0) -> AVMNIST:
     """Load ``split`` of a MultiBench-layout folder; val comes from val files if present, else from
     train by ``carve_val(seed)``."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     data_dir = Path(data_dir)
     carve = split != "test" and not (data_dir / "val_labels.npy").exists()
     image, audio, labels = _load_split_files(data_dir, "train" if carve else split)

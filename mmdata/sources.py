@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lowrank.io import staged
+from lowrank_util.errors import CorruptFileError, DownloadError
+from lowrank_util.files import staged
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FSDD_SAMPLE_RATE = 8000  # Hz; every FSDD recording is 8 kHz mono 16-bit PCM
@@ -36,12 +37,11 @@ _IDX_DTYPES = {0x08: np.uint8}  # IDX type codes used by MNIST (0x08 = unsigned 
 _CHUNK = 1 << 20  # download / hash block size, bytes
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(CorruptFileError):
     """A file's content does not match its pinned checksum."""
 
 
-class DownloadError(RuntimeError):
-    """A source could not be downloaded; the message says which file to put where."""
+__all__ = ["ChecksumError", "DownloadError", "RemoteFile", "fetch"]  # DownloadError: lowrank_util's, raised here
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _read_content(path: Path) -> bytes:
     try:
         return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read ({err}); the file is truncated or not gzip") from err
+        raise CorruptFileError(f"{path}: cannot read ({err}); the file is truncated or not gzip") from err
 
 
 def verify_md5(path: Path, md5: str) -> None:
@@ -202,12 +202,12 @@ def read_idx(path: Path) -> np.ndarray:
     """
     raw = _read_content(path)
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+        raise CorruptFileError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
     ndim = raw[3]
     header = 4 + 4 * ndim
     shape = tuple(int(s) for s in np.frombuffer(raw[4:header], dtype=">u4"))
     if len(shape) != ndim or len(raw) != header + int(np.prod(shape)):
-        raise ValueError(
+        raise CorruptFileError(
             f"{path}: truncated IDX file: header says shape {shape}, file holds {len(raw) - header} data bytes"
         )
     return np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=header).reshape(shape)
@@ -220,12 +220,14 @@ def read_wav(path: Path) -> np.ndarray:
             params = wav.getparams()
             frames = wav.readframes(params.nframes)
     except (wave.Error, EOFError) as err:
-        raise ValueError(f"{path}: not a readable WAV file ({err})") from err
+        raise CorruptFileError(f"{path}: not a readable WAV file ({err})") from err
     if (params.nchannels, params.sampwidth, params.framerate) != (1, 2, FSDD_SAMPLE_RATE):
-        raise ValueError(
+        raise CorruptFileError(
             f"{path}: expected mono 16-bit {FSDD_SAMPLE_RATE} Hz, got {params.nchannels} channel(s), "
             f"{8 * params.sampwidth}-bit, {params.framerate} Hz"
         )
     if len(frames) != 2 * params.nframes or params.nframes == 0:
-        raise ValueError(f"{path}: truncated WAV: header says {params.nframes} samples, file holds {len(frames) // 2}")
+        raise CorruptFileError(
+            f"{path}: truncated WAV: header says {params.nframes} samples, file holds {len(frames) // 2}"
+        )
     return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from lowrank_util.errors import ConfigError
+
 Statistics = dict[str, tuple[float, float]]  # modality → (mean, std)
 
 
@@ -28,7 +30,7 @@ class Standardized(Dataset):
     def __init__(self, data: Dataset, statistics: Statistics) -> None:
         for modality, (_, std) in statistics.items():
             if not std > 0:
-                raise ValueError(f"modality {modality!r} has a constant input (std {std}): nothing to learn from")
+                raise ConfigError(f"modality {modality!r} has a constant input (std {std}): nothing to learn from")
         self.data, self.statistics = data, statistics
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
+from lowrank_util.errors import ConfigError
 from mmdata.avmnist import IMAGE_SIDE, SPEC_SIZE
 
 SPLIT_SIZES = {"train": 128, "val": 32, "test": 32}
@@ -28,9 +29,9 @@ class SyntheticAV(TensorDataset):
 def synthetic(split: str, data_dir: None = None, seed: int = 0, size: int | None = None, noise: float = 0.5):
     """``size`` samples (default SPLIT_SIZES[split]) of the synthetic set; ``data_dir`` is not used."""
     if split not in SPLIT_SIZES:
-        raise ValueError(f"split must be one of {tuple(SPLIT_SIZES)}, got {split!r}")
+        raise ConfigError(f"split must be one of {tuple(SPLIT_SIZES)}, got {split!r}")
     if data_dir is not None:
-        raise ValueError("the synthetic data set is generated in memory; it takes no data_dir")
+        raise ConfigError("the synthetic data set is generated in memory; it takes no data_dir")
     n = SPLIT_SIZES[split] if size is None else size
     generator = torch.Generator().manual_seed(1000 * seed + SPLIT_SEEDS[split])
     labels = torch.randint(NUM_CLASSES, (n,), generator=generator)

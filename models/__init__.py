@@ -5,8 +5,11 @@ from models.bert import Bert, BertConfig
 from models.transformer import MODEL_REGISTRY, CheckpointError, TransformerEncoder, create_model
 from models.vit import ViT, ViTConfig
 
+ENCODER_CLASSES: tuple[type[TransformerEncoder], ...] = (ViT, AST, Bert)  # by config_class.model_type
+
 __all__ = [
     "AST",
+    "ENCODER_CLASSES",
     "MODEL_REGISTRY",
     "ASTConfig",
     "Bert",

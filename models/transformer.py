@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank.io import staged, state_dict_problems
+from lowrank_util.errors import MissingFileError, UnknownNameError, UserError
+from lowrank_util.files import staged, state_dict_problems
 
 StateDict = dict[str, torch.Tensor]
 ConfigT = TypeVar("ConfigT", bound="EncoderConfig")
@@ -44,7 +45,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint or config.json that does not fit the encoder; the message names the offending keys."""
 
 
@@ -490,7 +491,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], StateDict]:
     config_file = weights.parent / CONFIG_NAME
     for required in (weights, config_file):
         if not required.is_file():
-            raise FileNotFoundError(f"{required} not found (expected a HF checkpoint: {CONFIG_NAME} + {WEIGHTS_NAME})")
+            raise MissingFileError(f"{required} not found (expected a HF checkpoint: {CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -532,5 +533,5 @@ def build_encoder(encoder_class: type[EncoderT], defaults: Mapping[str, Any], ov
 def create_model(name: str, **overrides: Any) -> TransformerEncoder:
     """A registered encoder, randomly initialised; ``overrides`` replace its config fields."""
     if name not in MODEL_REGISTRY:
-        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODEL_REGISTRY)}")
+        raise UnknownNameError(f"unknown model {name!r}; registered: {sorted(MODEL_REGISTRY)}")
     return MODEL_REGISTRY[name](**overrides)

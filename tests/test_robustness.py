@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 
 import train
 from kernels.backend import use_backend
-from lowrank.io import CorruptFileError, read_safetensors, staged
 from lowrank.linear import LoRALinear
 from lowrank.qkv import LoRAQKVLinear
+from lowrank_util.errors import CorruptFileError
+from lowrank_util.files import read_safetensors, staged
 from models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

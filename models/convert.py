@@ -1,77 +1,69 @@
-"""python -m lowrank.convert: adapters between lowrank and peft, and merged Hugging Face checkpoints.
+"""python -m models.convert: adapters between lowrank and peft, and merged Hugging Face checkpoints.
 
-    python -m lowrank.convert to-peft   ADAPTER  --base CHECKPOINT --out DIR [--base-model-name-or-path NAME]
-                                                 [--naming legacy]
-    python -m lowrank.convert from-peft PEFT_DIR --base CHECKPOINT --out DIR
-    python -m lowrank.convert merge     ADAPTER  --base CHECKPOINT --out DIR    (ADAPTER: lowrank's or peft's)
+    python -m models.convert to-peft   ADAPTER  --base CHECKPOINT --out DIR [--base-model-name-or-path NAME]
+                                                [--naming legacy]
+    python -m models.convert from-peft PEFT_DIR --base CHECKPOINT --out DIR
+    python -m models.convert merge     ADAPTER  --base CHECKPOINT --out DIR    (ADAPTER: lowrank's or peft's)
 
 CHECKPOINT is the base model's Hugging Face checkpoint directory (config.json + model.safetensors); ``merge``
 writes one in the same layout, with W + s · B A in place of each adapted W, which ``transformers`` loads
-without peft. The class that reads CHECKPOINT is the one of ``--encoders`` (a module, default ``models``)
-whose ``config_class.model_type`` is config.json's: it is imported by name at run time, so lowrank itself
-never imports models/.
+without peft. The encoder class that reads CHECKPOINT is the one whose ``config_class.model_type`` is
+config.json's (``ENCODER_CLASSES``). The command lives here, above both lowrank and the encoders, so
+that lowrank never imports models/. Bad input is one ``error: …`` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
-
-from torch import nn
 
 from lowrank.adapter_io import CONFIG_FILE, load_adapter, save_adapter
 from lowrank.peft_io import export_peft, import_peft
 from lowrank.state import merge_lora
+from lowrank_util.cli import ArgumentParser, run_command
+from lowrank_util.files import read_json
+from models import ENCODER_CLASSES
+from models.transformer import CONFIG_NAME, CheckpointError, TransformerEncoder
 
-CHECKPOINT_CONFIG = "config.json"
 
-
-def load_base(checkpoint: Path, encoders: str = "models") -> nn.Module:
-    """The encoder of module ``encoders`` that reads ``checkpoint``'s model_type, loaded from it."""
-    model_type = json.loads((checkpoint / CHECKPOINT_CONFIG).read_text(encoding="utf-8")).get("model_type")
-    module = importlib.import_module(encoders)
-    classes = {
-        obj
-        for obj in vars(module).values()
-        if isinstance(obj, type) and getattr(getattr(obj, "config_class", None), "model_type", None) == model_type
-    }
-    if len(classes) != 1:
-        raise ValueError(
-            f"{checkpoint}: model_type {model_type!r} is read by {len(classes)} classes of {encoders!r} "
-            f"({sorted(cls.__name__ for cls in classes)}); expected exactly one"
+def load_base(checkpoint: Path) -> TransformerEncoder:
+    """The encoder that reads ``checkpoint``'s model_type (config.json), loaded from it."""
+    model_type = read_json(checkpoint / CONFIG_NAME, " (expected a Hugging Face checkpoint folder)").get("model_type")
+    readers = {cls.config_class.model_type: cls for cls in ENCODER_CLASSES}
+    if model_type not in readers:
+        raise CheckpointError(
+            f"{checkpoint}: model_type {model_type!r} is not an encoder of this project; known: {sorted(readers)}"
         )
-    return classes.pop().from_pretrained(checkpoint)
+    return readers[model_type].from_pretrained(checkpoint)
 
 
 def is_peft_adapter(path: Path) -> bool:
     """True if ``path``'s adapter config is peft's (it has a peft_type); lowrank's has a format field."""
     try:
-        return "peft_type" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        return "peft_type" in read_json(path / CONFIG_FILE)
     except (OSError, ValueError, TypeError):
         return False  # missing or corrupt: load_adapter names the problem
 
 
 def to_peft(args: argparse.Namespace) -> None:
-    model = load_adapter(load_base(args.base, args.encoders), args.adapter)
+    model = load_adapter(load_base(args.base), args.adapter)
     export_peft(model, args.out, args.base_model_name_or_path or str(args.base), naming=args.naming)
 
 
 def from_peft(args: argparse.Namespace) -> None:
-    save_adapter(import_peft(load_base(args.base, args.encoders), args.adapter), args.out)
+    save_adapter(import_peft(load_base(args.base), args.adapter), args.out)
 
 
 def merge(args: argparse.Namespace) -> None:
-    model = load_base(args.base, args.encoders)
+    model = load_base(args.base)
     (import_peft if is_peft_adapter(args.adapter) else load_adapter)(model, args.adapter)
     merge_lora(model)
     model.save_pretrained(args.out)
 
 
 def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(prog="python -m lowrank.convert", description=__doc__.split("\n")[0])
+    main_parser = ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n")[0])
     commands = main_parser.add_subparsers(dest="command", required=True)
     for name, run, summary in (
         ("to-peft", to_peft, "lowrank adapter → peft adapter"),
@@ -83,7 +75,6 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("adapter", type=Path, help="adapter directory to read")
         command.add_argument("--base", type=Path, required=True, help="base model: HF checkpoint directory")
         command.add_argument("--out", type=Path, required=True, help="directory to write")
-        command.add_argument("--encoders", default="models", help="module holding the encoder classes")
         if name == "to-peft":
             command.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json (default: --base)")
             command.add_argument("--naming", help="HF module naming, e.g. 'legacy' for transformers 4 ViT/AST")
@@ -97,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,8 +1,9 @@
 """File helpers shared by adapters, encoder checkpoints, data sets and training: atomic, durable writes,
-checked reads and key checks."""
+checked reads (errors name the file: MissingFileError, CorruptFileError) and key checks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from lowrank_util.errors import CorruptFileError, MissingFileError
 
 MAX_KEYS_SHOWN = 8  # per category in an error message: enough to recognise the architecture
 
@@ -78,8 +81,26 @@ def staged(dest: Path, folder: bool = False) -> Iterator[Path]:
     _fsync(dest.parent)
 
 
-class CorruptFileError(ValueError):
-    """A file that exists but cannot be read back whole (truncated, overwritten, not the expected format)."""
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` (UTF-8) atomically: readers see the old text or the new, never a part."""
+    with staged(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; MissingFileError naming it when absent."""
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found")
+    return path.read_text(encoding="utf-8")
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of the file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _corrupt(path: Path, what: str, error: Exception) -> CorruptFileError:
@@ -90,10 +111,10 @@ def _corrupt(path: Path, what: str, error: Exception) -> CorruptFileError:
 
 
 def read_torch_file(path: Path, what: str = "torch checkpoint") -> Any:
-    """torch.load(``path``) onto the CPU; a missing file raises FileNotFoundError, a truncated or
+    """torch.load(``path``) onto the CPU; a missing file raises MissingFileError, a truncated or
     corrupt one CorruptFileError naming the file and its size. Unpickles: only for trusted files."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # zip, pickle and EOF errors alike: the file is not a whole checkpoint
@@ -103,7 +124,7 @@ def read_torch_file(path: Path, what: str = "torch checkpoint") -> Any:
 def read_safetensors(path: Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
     """safetensors' load_file(``path``) with the same errors as read_torch_file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     try:
         return load_file(path)
     except Exception as error:  # SafetensorError, or OSError on a header that points past the end
@@ -111,10 +132,10 @@ def read_safetensors(path: Path, what: str = "safetensors file") -> dict[str, to
 
 
 def read_json(path: Path, missing_hint: str = "") -> Any:
-    """The parsed JSON document in ``path``; FileNotFoundError (plus ``missing_hint``) when absent,
+    """The parsed JSON document in ``path``; MissingFileError (plus ``missing_hint``) when absent,
     CorruptFileError naming the file when it is not valid UTF-8 JSON."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found{missing_hint}")
+        raise MissingFileError(f"{path} not found{missing_hint}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
