@@ -100,7 +100,6 @@ class AdapterSlice(NamedTuple):
     out_cols: slice
     s_cols: slice
     b_rows: slice
-    slot: int
 
 
 def adapter_slices(slots: tuple[int, ...], rank: int, out_features: int) -> list[AdapterSlice]:
@@ -108,7 +107,7 @@ def adapter_slices(slots: tuple[int, ...], rank: int, out_features: int) -> list
     width = out_features // len(slots)
     return [
         AdapterSlice(
-            slice(g * width, (g + 1) * width), slice(j * rank, (j + 1) * rank), slice(j * width, (j + 1) * width), j
+            slice(g * width, (g + 1) * width), slice(j * rank, (j + 1) * rank), slice(j * width, (j + 1) * width)
         )
         for g, j in enumerate(slots)
         if j >= 0
