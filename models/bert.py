@@ -44,7 +44,8 @@ class BertConfig(EncoderConfig):
 
 
 class Bert(TransformerEncoder):
-    """BERT encoder; forward(ids (B, T)) → (hidden (B, T + k, D), class feature (B, D))."""
+    """BERT encoder; forward(ids (B, T), ..., token_type_ids=(B, T) or None) → (hidden (B, T + k, D),
+    class feature (B, D)): the shared forward, which passes token_type_ids on to ``embed``."""
 
     config_class = BertConfig
     pre_norm = False
@@ -84,18 +85,3 @@ class Bert(TransformerEncoder):
         types = torch.zeros_like(x) if token_type_ids is None else token_type_ids
         positions = torch.arange(x.shape[1], device=x.device)
         return self.embed_norm(self.word_embed(x) + self.type_embed(types) + self.pos_embed(positions))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        extra_tokens: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        isolate_extra_tokens: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (B, T), extra_tokens (B, k, D), attention_mask (B, T) 1 = token, 0 = padding
-        → (hidden (B, T + k, D), class feature (B, D))."""
-        hidden = self.forward_features(
-            self.embed(x, token_type_ids), extra_tokens, attention_mask, isolate_extra_tokens
-        )
-        return hidden, self.class_feature(hidden)

@@ -233,8 +233,9 @@ class TransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if self.pre_norm else nn.Identity()
         self.pooler = nn.Linear(dim, dim) if config.use_pooler else None
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder input → real tokens (B, T, D), position embeddings included."""
+    def embed(self, x: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
+        """Encoder input → real tokens (B, T, D), position embeddings included; ``inputs`` are the
+        encoder's own extra inputs (BERT: token_type_ids (B, T)), passed on by ``forward``."""
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
@@ -283,9 +284,12 @@ class TransformerEncoder(nn.Module):
         extra_tokens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         isolate_extra_tokens: bool = False,
+        **inputs: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x → (hidden states (B, T + k, D), class feature (B, D)); extra tokens' outputs are hidden[:, T:]."""
-        hidden = self.forward_features(self.embed(x), extra_tokens, attention_mask, isolate_extra_tokens)
+        """x, extra_tokens (B, k, D), attention_mask (B, T) 1 = token, 0 = padding, ``inputs`` for ``embed``
+        (BERT: token_type_ids (B, T)) → (hidden states (B, T + k, D), class feature (B, D));
+        extra tokens' outputs are hidden[:, T:]."""
+        hidden = self.forward_features(self.embed(x, **inputs), extra_tokens, attention_mask, isolate_extra_tokens)
         return hidden, self.class_feature(hidden)
 
     def load_state_dict(
