@@ -15,7 +15,6 @@ from torch import nn
 
 from models.transformer import (
     EncoderConfig,
-    HFLayout,
     TransformerEncoder,
     add_class_tokens,
     build_encoder,
@@ -23,7 +22,7 @@ from models.transformer import (
     checkpoint_filter_fn,
     register_model,
 )
-from models.vit import MODULAR_PRE_NORM_LAYER, PRE_NORM_LAYER
+from models.vit import vit_family_layout
 
 __all__ = ["AST", "ASTConfig", "ast_avmnist_small", "ast_avmnist_tiny", "checkpoint_export_fn", "checkpoint_filter_fn"]
 
@@ -54,19 +53,8 @@ class AST(TransformerEncoder):
     config_class = ASTConfig
     pre_norm = True
     num_class_tokens = 2
-    hf_layout = HFLayout(
-        base_prefix="audio_spectrogram_transformer.",
-        qkv="attention.attention",
-        layer=PRE_NORM_LAYER,
-        modular=MODULAR_PRE_NORM_LAYER,
-        top=(
-            ("embeddings.cls_token", "cls_token"),
-            ("embeddings.distillation_token", "dist_token"),
-            ("embeddings.position_embeddings", "pos_embed"),
-            ("embeddings.patch_embeddings.projection", "patch_embed"),
-            ("layernorm", "norm"),
-            ("pooler.dense", "pooler"),
-        ),
+    hf_layout = vit_family_layout(
+        "audio_spectrogram_transformer.", (("cls_token", "cls_token"), ("distillation_token", "dist_token"))
     )
 
     def __init__(self, config: ASTConfig) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "vit_avmnist_small",
     "vit_avmnist_tiny",
+    "vit_family_layout",
 ]
 
 # HF ViTLayer / ASTLayer module names → ours (q, k, v live in "attention.attention" and are fused).
@@ -57,6 +58,24 @@ MODULAR_PRE_NORM_LAYER = HFModulePaths(
 )
 
 
+def vit_family_layout(base_prefix: str, class_tokens: tuple[tuple[str, str], ...]) -> HFLayout:
+    """The HF key table of a ViT-family encoder (ViT, AST): ViTLayer blocks, the base model under ``base_prefix``
+    in task checkpoints, and ``class_tokens`` as (HF name under "embeddings.", our parameter) pairs."""
+    return HFLayout(
+        base_prefix=base_prefix,
+        qkv="attention.attention",
+        layer=PRE_NORM_LAYER,
+        modular=MODULAR_PRE_NORM_LAYER,
+        top=(
+            *((f"embeddings.{theirs}", mine) for theirs, mine in class_tokens),
+            ("embeddings.position_embeddings", "pos_embed"),
+            ("embeddings.patch_embeddings.projection", "patch_embed"),
+            ("layernorm", "norm"),
+            ("pooler.dense", "pooler"),
+        ),
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ViTConfig(EncoderConfig):
     """HF ViTConfig fields that shape the encoder (others: see EncoderConfig)."""
@@ -74,19 +93,7 @@ class ViT(TransformerEncoder):
 
     config_class = ViTConfig
     pre_norm = True
-    hf_layout = HFLayout(
-        base_prefix="vit.",
-        qkv="attention.attention",
-        layer=PRE_NORM_LAYER,
-        modular=MODULAR_PRE_NORM_LAYER,
-        top=(
-            ("embeddings.cls_token", "cls_token"),
-            ("embeddings.position_embeddings", "pos_embed"),
-            ("embeddings.patch_embeddings.projection", "patch_embed"),
-            ("layernorm", "norm"),
-            ("pooler.dense", "pooler"),
-        ),
-    )
+    hf_layout = vit_family_layout("vit.", (("cls_token", "cls_token"),))
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__(config)
