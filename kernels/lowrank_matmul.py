@@ -101,6 +101,20 @@ def keep_mask(seed, offsets, p):
     return tl.rand(seed, offsets) >= p
 
 
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask, UPCAST: tl.constexpr):
+    """tile[i, j] = ptr[rows[i] · stride_row + cols[j] · stride_col] where row_mask[i] & col_mask[j], else 0.
+
+    rows, row_mask (BLOCK_ROWS,), cols, col_mask (BLOCK_COLS,) → (BLOCK_ROWS, BLOCK_COLS), in fp32 when
+    UPCAST, else in ptr's dtype.
+    """
+    mask = row_mask[:, None] & col_mask[None, :]
+    tile = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
 @triton.autotune(configs=_skinny_configs(), key=["ROWS_BUCKET", "INNER_BUCKET", "RANK"])
 @triton.jit
 def _skinny_matmul_kernel(
@@ -123,19 +137,12 @@ def _skinny_matmul_kernel(
     acc = tl.zeros((BLOCK_I, BLOCK_R), dtype=tl.float32)
     for j0 in range(0, INNER, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        p_mask = (offs_i[:, None] < ROWS) & (offs_j[None, :] < INNER)
-        p = tl.load(p_ptr + offs_i[:, None] * stride_pi + offs_j[None, :] * stride_pj, mask=p_mask, other=0.0)
+        p = load_tile(p_ptr, offs_i, offs_j, stride_pi, stride_pj, offs_i < ROWS, offs_j < INNER, UPCAST)
         if HAS_DROPOUT:
             offsets = offs_i[:, None] * mask_stride_i + offs_j[None, :] * mask_stride_j
             p = tl.where(keep_mask(seed, offsets, dropout_p), p, 0.0)
-        q_mask = (offs_j[:, None] < INNER) & (offs_r[None, :] < RANK)
-        q = tl.load(q_ptr + offs_j[:, None] * stride_qj + offs_r[None, :] * stride_qr, mask=q_mask, other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        else:
-            q = q.to(p.dtype)
-        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+        q = load_tile(q_ptr, offs_j, offs_r, stride_qj, stride_qr, offs_j < INNER, offs_r < RANK, UPCAST)
+        acc = tl.dot(p, q.to(p.dtype), acc, input_precision=PRECISION)
     if HAS_DROPOUT:
         scale = scale / (1.0 - dropout_p)
     out_mask = (offs_i[:, None] < ROWS) & (offs_r[None, :] < RANK)
@@ -184,13 +191,8 @@ def _fused_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        p_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        p = tl.load(p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=p_mask, other=0.0)
-        q_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-        q = tl.load(q_ptr + offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=q_mask, other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
+        p = load_tile(p_ptr, offs_m, offs_k, stride_pm, stride_pk, offs_m < M, offs_k < K, UPCAST)
+        q = load_tile(q_ptr, offs_k, offs_n, stride_qk, stride_qn, offs_k < K, offs_n < N, UPCAST)
         acc = tl.dot(p, q, acc, input_precision=PRECISION)
 
     # Epilogue, naive form: out += scale * ((L_j @ R_j) * D / (1 - p)) for each segment in this tile
@@ -201,19 +203,12 @@ def _fused_matmul_kernel(
     for segment in range(first_segment, last_segment + 1):
         slot = tl.where(segment == 0, SLOT_0, tl.where(segment == 1, SLOT_1, SLOT_2))
         if slot >= 0:
-            l_mask = (offs_m[:, None] < M) & (offs_r[None, :] < RANK)
-            l_ptrs = l_ptr + offs_m[:, None] * stride_lm + (slot * RANK + offs_r[None, :]) * stride_lr
-            low = tl.load(l_ptrs, mask=l_mask, other=0.0)
+            l_cols = slot * RANK + offs_r
+            low = load_tile(l_ptr, offs_m, l_cols, stride_lm, stride_lr, offs_m < M, offs_r < RANK, UPCAST)
             in_segment = (offs_n // SEGMENT == segment) & (offs_n < N)
-            r_mask = (offs_r[:, None] < RANK) & in_segment[None, :]
             r_cols = offs_n + (slot - segment) * SEGMENT
-            high = tl.load(r_ptr + offs_r[:, None] * stride_rr + r_cols[None, :] * stride_rn, mask=r_mask, other=0.0)
-            if UPCAST:
-                low = low.to(tl.float32)
-                high = high.to(tl.float32)
-            else:
-                low = low.to(high.dtype)
-            update = tl.dot(low, high, update, input_precision=PRECISION)
+            high = load_tile(r_ptr, offs_r, r_cols, stride_rr, stride_rn, offs_r < RANK, in_segment, UPCAST)
+            update = tl.dot(low.to(high.dtype), high, update, input_precision=PRECISION)
     if HAS_DROPOUT:
         keep = keep_mask(seed, offs_m[:, None] * N + offs_n[None, :], dropout_p)
         update = tl.where(keep, update, 0.0)

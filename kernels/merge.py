@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, select_backend
-from kernels.lowrank_matmul import rank_block
+from kernels.lowrank_matmul import load_tile, rank_block
 
 # Output tile: elementwise-bound (one read and one write of W), so square, moderate tiles.
 BLOCK_N = 64
@@ -30,18 +30,15 @@ def _merge_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    b_mask = (offs_n[:, None] < N) & (offs_r[None, :] < RANK)
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=b_mask, other=0.0)
-    a_mask = (offs_r[:, None] < RANK) & (offs_k[None, :] < K)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
-    delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-    w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
-    merged = w.to(tl.float32) + scale * delta
+    b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, offs_n < N, offs_r < RANK, True)
+    a = load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, offs_r < RANK, offs_k < K, True)
+    delta = tl.dot(b, a, input_precision="ieee")
+    w = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, offs_n < N, offs_k < K, True)
+    merged = w + scale * delta
     tl.store(
         out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
         merged.to(out_ptr.dtype.element_ty),
-        mask=w_mask,
+        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
     )
 
 
