@@ -22,7 +22,7 @@ from lowrank.config import LoRAConfig
 from lowrank.inject import provisional_lora
 from lowrank.state import lora_layers, lora_state_dict
 from lowrank_util.errors import MismatchError
-from lowrank_util.files import read_json, read_safetensors, staged, state_dict_problems
+from lowrank_util.files import load_checked, read_json, read_safetensors, staged
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,10 +67,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     file = Path(path) / WEIGHTS_FILE
     tensors = read_safetensors(file, "adapter weights")
     with provisional_lora(model, config):
-        own = lora_state_dict(model)
-        problems = state_dict_problems(own, tensors)
-        if problems:
-            raise MismatchError(f"{file} does not fit the model: " + "; ".join(problems))
-        for name, tensor in tensors.items():
-            own[name].copy_(tensor)
+        load_checked(model, tensors, file, expected=lora_state_dict(model))
     return model

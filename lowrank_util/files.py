@@ -1,5 +1,5 @@
 """File helpers shared by adapters, encoder checkpoints, data sets and training: atomic, durable writes,
-checked reads (errors name the file: MissingFileError, CorruptFileError) and key checks."""
+checked reads (errors name the file: MissingFileError, CorruptFileError), key checks and checked loads."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from lowrank_util.errors import CorruptFileError, MissingFileError
+from lowrank_util.errors import CorruptFileError, MismatchError, MissingFileError
 
 MAX_KEYS_SHOWN = 8  # per category in an error message: enough to recognise the architecture
 
@@ -160,6 +161,30 @@ def state_dict_problems(
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
         if keys
     ]
+
+
+def load_checked(
+    module: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    source: str | Path,
+    *,
+    expected: Mapping[str, torch.Tensor] | None = None,
+    into: str = "the model",
+    error: type[Exception] = MismatchError,
+    may_be_missing: Callable[[str], bool] = lambda key: False,
+    assign: bool = False,
+) -> nn.modules.module._IncompatibleKeys:
+    """``module.load_state_dict(tensors, strict=False, assign=assign)`` once ``tensors`` fit ``expected``.
+
+    ``expected`` (default: ``module.state_dict()``) and ``tensors`` map keys to tensors of any shapes. If
+    ``tensors`` lacks a key of ``expected`` (one ``may_be_missing`` does not excuse), has a key ``expected``
+    lacks or a tensor of another shape, raises ``error(f"{source} does not fit {into}: …")`` naming the
+    keys (see ``state_dict_problems``) before anything is loaded. Returns load_state_dict's result.
+    """
+    problems = state_dict_problems(module.state_dict() if expected is None else expected, tensors, may_be_missing)
+    if problems:
+        raise error(f"{source} does not fit {into}: " + "; ".join(problems))
+    return module.load_state_dict(tensors, strict=False, assign=assign)
 
 
 def _describe_keys(label: str, keys: list[str]) -> str:

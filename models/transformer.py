@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_util.errors import MissingFileError, UnknownNameError, UserError
-from lowrank_util.files import staged, state_dict_problems
+from lowrank_util.files import load_checked, staged
 
 StateDict = dict[str, torch.Tensor]
 ConfigT = TypeVar("ConfigT", bound="EncoderConfig")
@@ -295,10 +295,19 @@ class TransformerEncoder(nn.Module):
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> nn.modules.module._IncompatibleKeys:
-        """Like nn.Module's, but strict allows missing LoRA keys and names every key that does not fit."""
-        if strict:
-            check_state_dict(self, state_dict)
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        """Like nn.Module's, but strict allows missing LoRA keys and raises CheckpointError naming every key
+        that does not fit (missing, unexpected, mis-shaped) before anything is loaded."""
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return load_checked(
+            self,
+            state_dict,
+            "checkpoint",
+            into=type(self).__name__,
+            error=CheckpointError,
+            may_be_missing=lambda key: LORA_MARKER in key,
+            assign=assign,
+        )
 
     @classmethod
     def from_pretrained(
@@ -349,13 +358,6 @@ class TransformerEncoder(nn.Module):
             }
             for naming, paths in namings.items()
         }
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise CheckpointError naming missing (LoRA keys excepted), unexpected and mis-shaped keys."""
-    problems = state_dict_problems(model.state_dict(), state_dict, may_be_missing=lambda key: LORA_MARKER in key)
-    if problems:
-        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------- HF keys
