@@ -25,14 +25,15 @@ import torch
 from bench import compare, kernels, report, runs, train
 from bench.plot import plot_kernels, plot_train
 from bench.results import RESULTS, append_rows, provenance, results_path
+from lowrank_util.cli import ArgumentParser, run_command
 
 # CPU repetitions (CUDA: do_bench's own): full runs, and --quick (under a minute on 2 cores).
 CPU_TIMER = {"warmup": 3, "reps": 15}
 QUICK_TIMER = {"warmup": 1, "reps": 3}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=["kernels", "train", "report", "runs", "compare"])
     parser.add_argument("paths", nargs="*", type=Path, help="report: CSV files to tabulate; runs: run folders")
     parser.add_argument("--quick", action="store_true", help="tiny shapes / small models, few repetitions")
@@ -49,7 +50,7 @@ def parse_args() -> argparse.Namespace:
         "--out", type=Path, default=None, help=f"folder of the CSV and PNG (default {RESULTS}); runs: a .md"
     )
     parser.add_argument("--plot", action="store_true", help="also write a PNG bar chart beside the CSV")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def summary(suite: str, rows: list[dict]) -> str:
@@ -61,11 +62,12 @@ def summary(suite: str, rows: list[dict]) -> str:
     return "\n\n".join([*tables, report.kernel_targets(rows, cuda)])
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["compare"]:
-        compare.main(sys.argv[2:])
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        compare.main(argv[1:])
         return
-    args = parse_args()
+    args = parse_args(argv)
     if args.suite == "runs":
         table = runs.summarize(*runs.load_runs(args.paths))
         print(table)
@@ -106,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.runs import mean_std
+from lowrank_train.report import percent
+from lowrank_util.cli import ArgumentParser
 
 RANKED = ("u2a", "mmlora")  # methods whose LoRA rank --ranks sweeps
 LORA = ("u2a", "mmlora", "mie")  # methods that train LoRA adapters (mie: unless --full)
@@ -129,11 +130,6 @@ def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int | None], list[dict
     return grouped
 
 
-def accuracy_cell(values: list[float]) -> str:
-    """'mean ± std' in percent over the seeds; the value alone for one seed."""
-    return mean_std(values) if len(values) > 1 else f"{100 * values[0]:.1f}"
-
-
 def accuracy_table(rows: list[dict[str, Any]]) -> str:
     """Per method (and rank): seeds, test accuracy mean ± std, trainable parameters, time, memory."""
     lines = [
@@ -145,7 +141,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
         memory = mean_of([r["peak_memory_mib"] for r in runs], 0)
         if method == "unimodal":
             for m in runs[0]["results"]["unimodal"]:
-                accuracy = accuracy_cell([r["results"]["unimodal"][m] for r in runs])
+                accuracy = percent([r["results"]["unimodal"][m] for r in runs])
                 size = runs[0]["results"]["unimodal_parameters"][m]
                 seconds = mean_of([r["train_seconds"][m] for r in runs], 0)
                 lines.append(f"| unimodal ({m}) | – | {len(runs)} | {accuracy} | {size:,} | {seconds} | {memory} |")
@@ -153,7 +149,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
         size = next((r["trainable_parameters"] for r in runs if r["trainable_parameters"]), None)
         seconds = mean_of([r["train_seconds"] for r in runs], 0)
         lines.append(
-            f"| {method} | {rank or '–'} | {len(runs)} | {accuracy_cell([r['accuracy'] for r in runs])} | "
+            f"| {method} | {rank or '–'} | {len(runs)} | {percent([r['accuracy'] for r in runs])} | "
             f"{'n/a' if size is None else f'{size:,}'} | {seconds} | {memory} |"
         )
     return "\n".join(lines)
@@ -181,7 +177,7 @@ def missing_table(rows: list[dict[str, Any]], rank: int) -> str:
     ]
     for (method, rank), runs in with_missing.items():
         for fill in runs[0]["results"]["missing"][modalities[0]]:
-            cells = [accuracy_cell([r["results"]["missing"][m][fill][i] for r in runs]) for m, i, _ in columns]
+            cells = [percent([r["results"]["missing"][m][fill][i] for r in runs]) for m, i, _ in columns]
             lines.append(f"| {method} | {rank or '–'} | {fill} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -218,7 +214,7 @@ def report(rows: list[dict[str, Any]], dataset: str, invocation: str, notes: str
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="avmnist-mini")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

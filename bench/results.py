@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lowrank_util.errors import ConfigError
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -70,14 +72,14 @@ def results_path(folder: Path, device: torch.device, suite: str) -> Path:
 def append_rows(path: Path, rows: list[dict]) -> Path:
     """Append rows to a CSV, writing the header when the file is new; a file with other columns is an error."""
     if not rows:
-        raise ValueError(f"no rows to write to {path}")
+        raise ConfigError(f"no rows to write to {path}")
     fields = list(rows[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
         with path.open(newline="") as handle:
             existing = next(csv.reader(handle), [])
         if existing != fields:
-            raise ValueError(f"{path} has columns {existing}, these rows have {fields}: write to another --out")
+            raise ConfigError(f"{path} has columns {existing}, these rows have {fields}: write to another --out")
         mode = "a"
     else:
         mode = "w"

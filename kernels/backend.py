@@ -1,6 +1,6 @@
 """Which implementation runs an op: the Triton kernels or the PyTorch path.
 
-Rule (DESIGN.md §3): CUDA tensors → Triton; CPU tensors → Triton when
+Rule (docs/design.md §4): CUDA tensors → Triton; CPU tensors → Triton when
 ``TRITON_INTERPRET=1`` is set (the interpreter), else torch. ``use_backend``
 overrides the rule for a block of code, so that one process (one pytest run)
 can exercise both implementations on the same inputs.

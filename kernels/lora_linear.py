@@ -1,4 +1,4 @@
-"""LoRA linear layer, forward and hand-derived backward, fused (DESIGN.md §3).
+"""LoRA linear layer, forward and hand-derived backward, fused (docs/design.md §3).
 
 Shapes: X [M, K] (any leading dims are flattened into M), frozen W [N, K], bias b [N],
 A [r, K], B [N, r], s = alpha / r; dropout p on the LoRA branch only, mask D [M, K].

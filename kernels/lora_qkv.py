@@ -1,4 +1,4 @@
-"""Fused q, k, v projection with LoRA on any subset of the three (DESIGN.md §3, "Attention").
+"""Fused q, k, v projection with LoRA on any subset of the three (docs/design.md §3).
 
 Shapes: X [..., K], W_qkv [3D, K] (rows: q, then k, then v), b [3D]; n adapted
 projections p₁ < … < pₙ in q, k, v order, stacked A [n·r, K] (rows j·r … j·r + r - 1

@@ -1,4 +1,4 @@
-"""Plain PyTorch references: the spec every kernel is tested against (DESIGN.md §3).
+"""Plain PyTorch references: the spec every kernel is tested against (docs/design.md §3).
 
 Shape convention (nn.Linear's): x [..., K], weight W [N, K], bias b [N],
 lora_a A [r, K], lora_b B [N, r], scale s = alpha / r (rsLoRA: alpha / √r).

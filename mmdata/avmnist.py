@@ -25,7 +25,6 @@ CLI: ``python -m mmdata.avmnist [--dataset avmnist-mini] [--audio-snr -10|clean]
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -38,7 +37,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lowrank_util.errors import ConfigError, CorruptFileError, MissingFileError
+from lowrank_util.cli import ArgumentParser, run_command
+from lowrank_util.errors import ConfigError, CorruptFileError, DownloadError, MissingFileError
 from lowrank_util.files import staged
 from mmdata import sources
 from mmdata.sources import RemoteFile
@@ -449,8 +449,15 @@ def load_avmnist(
 
 
 def avmnist(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:
-    """AV-MNIST (55k/5k/10k; MultiBench files or built from downloads): ``load_avmnist("avmnist", …)``."""
-    return load_avmnist("avmnist", split, data_dir, **options)
+    """AV-MNIST (55k/5k/10k; MultiBench files or built from downloads): ``load_avmnist("avmnist", …)``.
+    Without the network, the DownloadError also names the two ways that need none."""
+    try:
+        return load_avmnist("avmnist", split, data_dir, **options)
+    except DownloadError as error:
+        raise DownloadError(
+            f"{error}; or give a MultiBench AV-MNIST folder as the data folder (train.py --data-dir), or use the "
+            "data set avmnist-mini (train.py --dataset avmnist-mini), which is built offline from ../shared/data"
+        ) from error
 
 
 def avmnist_mini(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:
@@ -484,7 +491,7 @@ def save_grid(dataset: AVMNIST, path: Path, n: int = 8) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Build (or load) a variant, print its split sizes, and with --show save a PNG grid of pairs."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m mmdata.avmnist", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(VARIANTS), default="avmnist-mini")
     parser.add_argument("--data-dir", type=Path, default=None, help="existing MultiBench-layout folder")
     parser.add_argument("--audio-snr", default="-10", help="dB of white noise, or 'clean'")
@@ -504,4 +511,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,4 +1,5 @@
-"""Multimodal classification over pretrained unimodal encoders, with U2A Mask Tokens for missing modalities.
+"""Multimodal classification over pretrained unimodal encoders, with U2A Mask Tokens for missing modalities
+(the methods that train them are in lowrank_methods).
 
 Shapes: B batch, M modalities (in ``encoders`` order), D_m width of modality m's encoder, C classes.
 
@@ -17,11 +18,10 @@ Missing inputs are always zeroed before encoding, so nothing of a missing modali
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.transformer import TransformerEncoder
@@ -124,86 +124,6 @@ class MultimodalClassifier(nn.Module):
         return total / weights.sum(1, keepdim=True).clamp(min=1.0)
 
 
-def alignment_loss(
-    output: FusionOutput, row_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Mean over modalities of MSE(ĥ_m, stopgrad(h_m)) on the samples where m and another modality are
-    present (U2A's λ-weighted term): it teaches the Mask Tokens to stand in for the real features.
-
-    Each modality's squared error is summed over its rows R_m and divided by n_m · D_m, where
-    n_m = ``row_counts``(|R_m| per modality, (M,)) (default: |R_m|). Under data parallelism pass the
-    counts summed over the P processes and divided by P: averaging the processes' gradients then
-    gives the gradient of the loss of the whole global batch, whatever share of R_m each one holds.
-    """
-    with_company = output.present.sum(1) > 1  # ĥ_m needs another present modality to come from
-    rows = output.present & with_company[:, None]  # (B, M)
-    counts = rows.sum(0).to(output.logits.dtype)
-    counts = row_counts(counts) if row_counts is not None else counts
-    losses = []
-    for i, m in enumerate(output.features):
-        if counts[i] > 0:
-            generated, real = output.generated[m][rows[:, i]], output.features[m][rows[:, i]].detach()
-            losses.append(F.mse_loss(generated, real, reduction="sum") / (counts[i] * real.shape[1]))
-    return torch.stack(losses).mean() if losses else output.logits.new_zeros(())
-
-
 def _projection(source: int, target: int) -> nn.Module:
     """Linear map between encoder widths; identity when they agree."""
     return nn.Identity() if source == target else nn.Linear(source, target)
-
-
-def head_shares(head: nn.Linear, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each modality's share of a concatenation head's logits (OGM-GE's per-modality outputs):
-
-        logits = W · concat_m(h_m) + b = Σ_m (W_m h_m + b / M),   W_m: the columns of W that read h_m
-
-    so share_m = h_m W_mᵀ + b / M  (B, C), in ``features`` order."""
-    shares, start = {}, 0
-    for m, h in features.items():
-        shares[m] = h @ head.weight[:, start : start + h.shape[1]].T + head.bias / len(features)
-        start += h.shape[1]
-    return shares
-
-
-class SharedHeadEnsemble(nn.Module):
-    """Encoders of one width D sharing one classifier head, each modality classified on its own (IGM):
-
-        logits_m = head(h_m)  (B, C);   prediction = log( mean over m of softmax(logits_m) )
-
-    Missing modality m (``missing`` (B, M) bool): "zero-input" classifies E_m(0), "zero-feature" head(0);
-    either joins the mean like a present modality. Mask Tokens do not apply."""
-
-    fills = ("zero-input", "zero-feature")
-
-    def __init__(self, encoders: Mapping[str, TransformerEncoder], num_classes: int) -> None:
-        super().__init__()
-        widths = {m: encoder.config.hidden_size for m, encoder in encoders.items()}
-        if len(encoders) < 2 or len(set(widths.values())) != 1:
-            raise ValueError(f"a shared head needs at least two encoders of one width, got widths {widths}")
-        self.modalities = tuple(encoders)
-        self.encoders = nn.ModuleDict(encoders)
-        self.head = nn.Linear(next(iter(widths.values())), num_classes)
-
-    def modality_logits(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """head(E_m(x)[class feature]) (B, C): what one modality's training stage optimises."""
-        return self.head(self.encoders[modality](x)[1])
-
-    def forward(
-        self, inputs: Mapping[str, torch.Tensor], missing: torch.Tensor | None = None, fill: str = "zero-input"
-    ) -> FusionOutput:
-        """inputs: modality → batch (B, ...); missing (B, M) bool, True = absent (None: all present)."""
-        if fill not in self.fills:
-            raise ValueError(f"fill must be one of {self.fills}, got {fill!r}")
-        first = inputs[self.modalities[0]]
-        present = torch.ones(len(first), len(self.modalities), dtype=torch.bool, device=first.device)
-        if missing is not None:
-            present = ~missing
-        features, probabilities = {}, []
-        for i, m in enumerate(self.modalities):
-            keep = present[:, i].view(-1, *[1] * (inputs[m].ndim - 1))
-            features[m] = self.encoders[m](inputs[m] * keep)[1]
-            if fill == "zero-feature":
-                features[m] = features[m] * present[:, i, None]
-            probabilities.append(self.head(features[m]).softmax(1))
-        logits = torch.stack(probabilities).mean(0).log()
-        return FusionOutput(logits, features, {}, present)

@@ -14,21 +14,28 @@ from torch import nn
 import train
 from bench import compare
 from kernels.backend import use_backend
+from lowrank_methods import METHODS, Method
+from lowrank_methods.mie import igm_projection
+from lowrank_methods.ogm_ge import head_shares, ogm_coefficients
+from lowrank_train.cli import parse_args
+from lowrank_train.config import TrainConfig
+from lowrank_train.data import batches, load_splits
+from lowrank_train.loop import run_stages
 from models import create_model
-from models.multimodal import MultimodalClassifier, UnimodalClassifier, head_shares
+from models.multimodal import MultimodalClassifier, UnimodalClassifier
 
 CPU = torch.device("cpu")
 
 
-def config(method: str, *extra: str) -> train.TrainConfig:
+def config(method: str, *extra: str) -> TrainConfig:
     """Two steps per epoch (128 training samples, batch 64), one epoch per MIE stage."""
-    return train.parse_args(["--method", method, "--dataset", "synthetic", "--batch-size", "64", "--epochs", "1",
-                             "--stage-epochs", "1", "--save-every", "0", *extra])[0]  # fmt: skip
+    return parse_args(["--method", method, "--dataset", "synthetic", "--batch-size", "64", "--epochs", "1",
+                       "--stage-epochs", "1", "--save-every", "0", *extra], METHODS)[0]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return train.load_splits(config("u2a"))[0]
+    return load_splits(config("u2a"))[0]
 
 
 def unimodal_models() -> dict[str, UnimodalClassifier]:
@@ -39,14 +46,14 @@ def unimodal_models() -> dict[str, UnimodalClassifier]:
 ARCHITECTURES = {"image": "vit_avmnist_tiny", "audio": "ast_avmnist_tiny"}
 
 
-def trained(method_name: str, splits, tmp_path, *extra: str) -> tuple[train.Method, dict, dict]:
+def trained(method_name: str, splits, tmp_path, *extra: str) -> tuple[Method, dict, dict]:
     """(the method, parameters before, parameters after) of a method's training on 2 steps per stage; the
     validation score rises every epoch, so that the last epoch is the one kept."""
-    method = train.METHODS[method_name](config(method_name, *extra))
-    method.validation = lambda splits, device: itertools.count().__next__
+    method = METHODS[method_name](config(method_name, *extra))
     model = method.build(unimodal_models(), 10, CPU)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    method.train(splits, CPU, tmp_path)
+    rising = itertools.count().__next__
+    run_stages(model, method, method.stages(splits["train"]), rising, splits["train"], method.config, CPU, tmp_path)
     return method, before, dict(model.named_parameters())
 
 
@@ -89,10 +96,10 @@ def test_mie_stages_alternate_and_train_one_encoder_each(splits, tmp_path):
 def test_sam_restores_the_weights_after_its_perturbation(splits):
     gradients = {}
     for rho in ("0", "0.5"):
-        method = train.METHODS["mie"](config("mie", "--sam-rho", f"image={rho},audio={rho}"))
+        method = METHODS["mie"](config("mie", "--sam-rho", f"image={rho},audio={rho}"))
         model = method.build(unimodal_models(), 10, CPU)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        batch = next(iter(train.batches(splits["train"], method.config)))
+        batch = next(iter(batches(splits["train"], method.config)))
         method.backward(batch | {"draws": torch.rand(64, 2)}, lambda loss: loss)
         assert not changed(before, dict(model.named_parameters()))
         gradients[rho] = model.head.weight.grad.clone()
@@ -105,18 +112,32 @@ def test_ogm_ge_coefficients_are_in_0_1():
     draw = torch.Generator().manual_seed(1)
     balanced = {"image": 2 * torch.randn(64, 10, generator=draw), "audio": torch.randn(64, 10, generator=draw)}
     for shares in (balanced, {"image": confident, "audio": torch.zeros(64, 10)}):  # ρ = 10: tanh(50) rounds to 1
-        k = train.ogm_coefficients(shares, labels, alpha=5.0)
+        k = ogm_coefficients(shares, labels, alpha=5.0)
         assert all(0 < value <= 1 for value in k.values()), k
         assert sorted(k.values())[1] == 1.0  # the weaker modality is not slowed down
     scores = {m: s.softmax(1).gather(1, labels[:, None]).sum().item() for m, s in balanced.items()}
     dominant, other = sorted(scores, key=scores.get, reverse=True)
     ratio = scores[dominant] / scores[other]
-    assert train.ogm_coefficients(balanced, labels, 0.1)[dominant] == pytest.approx(1 - math.tanh(0.1 * ratio))
+    assert ogm_coefficients(balanced, labels, 0.1)[dominant] == pytest.approx(1 - math.tanh(0.1 * ratio))
 
 
-def test_ogm_ge_scales_each_encoders_gradients(splits, tmp_path):
+def test_ogm_ge_scales_each_encoders_gradients_and_adds_noise_of_their_spread(splits, tmp_path):
     method, _, _ = trained("ogm-ge", splits, tmp_path)
-    assert set(method.coefficients) == {"image", "audio"} and all(0 < k <= 1 for k in method.coefficients.values())
+    assert set(method.coefficients) == {"image", "audio"}  # set by the last step's loss
+    method.coefficients = {"image": 0.25, "audio": 1.0}
+    weights = {m: method.model.encoders[m].blocks[0].mlp.fc1.weight for m in method.coefficients}  # 4,096+ entries
+    gradients = {m: torch.randn_like(w) * 3 for m, w in weights.items()}
+    for m, w in weights.items():
+        w.grad = gradients[m].clone()
+    torch.manual_seed(0)
+    method.modify_gradients()
+    for m, k in method.coefficients.items():
+        g, modified = gradients[m].flatten(), weights[m].grad.flatten()
+        slope = (modified @ g / (g @ g)).item()  # least squares of the modified gradient on the original
+        noise = modified - k * g
+        assert slope == pytest.approx(k, abs=0.05), m  # scaled by k_m ...
+        assert noise.std().item() == pytest.approx(g.std().item(), rel=0.05), m  # ... plus N(0, σ(g)²)
+        assert abs(noise.mean().item()) < 0.1
 
 
 def test_head_shares_add_up_to_the_fusion_logits():
@@ -129,20 +150,20 @@ def test_head_shares_add_up_to_the_fusion_logits():
 
 def test_igm_projection_is_symmetric_with_eigenvalues_in_0_1():
     z = torch.randn(50, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 16)
-    t = train.igm_projection(z.T @ z, tau=0.4)
+    t = igm_projection(z.T @ z, tau=0.4)
     assert torch.equal(t, t.T)
     eigenvalues = torch.linalg.eigvalsh(t.double())
     assert eigenvalues.min() >= math.exp(-0.4) - 1e-5 and eigenvalues.max() <= 1 + 1e-5
     top = torch.linalg.eigh(z.T @ z).eigenvectors[:, -1]  # the direction modality k uses most
     torch.testing.assert_close(t @ top, math.exp(-0.4) * top, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(train.igm_projection(torch.eye(4), 0.4), torch.eye(4))  # nothing to prefer
+    torch.testing.assert_close(igm_projection(torch.eye(4), 0.4), torch.eye(4))  # nothing to prefer
 
 
 def test_mie_right_multiplies_the_head_gradient_by_t():
-    method = train.METHODS["mie"](config("mie"))
+    method = METHODS["mie"](config("mie"))
     method.build(unimodal_models(), 10, CPU)
     head: nn.Linear = method.model.head
-    gradient, t = torch.randn_like(head.weight), train.igm_projection(torch.randn(64, 64).square(), 0.4)
+    gradient, t = torch.randn_like(head.weight), igm_projection(torch.randn(64, 64).square(), 0.4)
     head.weight.grad = gradient.clone()
     method.projections = {head: t}
     method.modify_gradients()
@@ -164,7 +185,7 @@ def compared(tmp_path_factory):
 def test_runs_record_their_cost(compared):
     unimodal, mmlora = compared
     assert mmlora["trainable_parameters"] == mmlora["results"]["trainable_parameters"] > 0
-    assert mmlora["train_seconds"] > 0 and mmlora["peak_memory_mib"] >= 0
+    assert mmlora["train_seconds"] > 0 and mmlora["peak_memory_mib"] > 0
     assert set(unimodal["results"]["unimodal_parameters"]) == {"image", "audio"}
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowrank_methods.u2a import alignment_loss
 from models import create_model
-from models.multimodal import MISSING_FILLS, MultimodalClassifier, UnimodalClassifier, alignment_loss
+from models.multimodal import MISSING_FILLS, MultimodalClassifier, UnimodalClassifier
 
 BATCH = 4
 

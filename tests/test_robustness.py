@@ -1,4 +1,4 @@
-"""Faults and bad input: kills mid-epoch, truncated checkpoints, a bad-input catalogue, torchrun parity, NaN.
+"""Faults: kills mid-epoch, truncated checkpoints, torchrun parity, NaN (bad input: tests/test_cli_errors.py).
 
 Runs use the synthetic data set (8 steps of 16 samples, state.pt after every step). Subprocesses run
 train.py as a user would, on the torch path (TRITON_INTERPRET removed), so that their numbers match the
@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,12 +25,15 @@ import train
 from kernels.backend import use_backend
 from lowrank.linear import LoRALinear
 from lowrank.qkv import LoRAQKVLinear
+from lowrank_methods import u2a
+from lowrank_train.checkpoint import load_checkpoint
+from lowrank_train.loop import NonFiniteError
 from lowrank_util.errors import CorruptFileError
 from lowrank_util.files import read_safetensors, staged
-from models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8  # 128 synthetic training samples / batch 16
+KILL_SEED = 1  # the steps at which the kill test signals (a fixed seed, so that a failure reproduces)
 DDP_TOLERANCE = 1e-4  # max |Δw| of one process vs two: fp32 summation order, amplified a little by Adam
 
 
@@ -102,10 +104,11 @@ def reference(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------- kills
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_mid_epoch_resume_to_the_same_run(reference):
     root = reference.parents[1]
     run_dir, state_file = root / "runs" / "killed", root / "runs" / "killed" / "state.pt"
-    rng = random.Random(int(time.time()))
+    rng = random.Random(KILL_SEED)
     first, second = sorted(rng.sample(range(1, STEPS - 1), 2))
     process = start("train.py", *argv(root, "killed"))
     wait_for_step(process, state_file, first)
@@ -129,7 +132,7 @@ def test_sigterm_then_sigkill_mid_epoch_resume_to_the_same_run(reference):
 
 
 def test_truncated_checkpoints_fail_clearly(reference, tmp_path):
-    for name, read in (("state.pt", lambda p: train.load_checkpoint(p, torch.nn.Linear(1, 1))),
+    for name, read in (("state.pt", lambda p: load_checkpoint(p, torch.nn.Linear(1, 1))),
                        ("adapter.safetensors", read_safetensors)):  # fmt: skip
         whole = (reference / name).read_bytes()
         for tenth in range(10):
@@ -163,101 +166,13 @@ def test_an_interrupted_write_never_replaces_the_good_checkpoint(reference, tmp_
 
 def test_a_checkpoint_of_another_model_is_refused(reference):
     with pytest.raises(ValueError, match=r"does not fit the model: 2 missing: bias, weight; 20 unexpected"):
-        train.load_checkpoint(reference / "state.pt", torch.nn.Linear(2, 2))
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-
-
-def multibench(folder: Path, image_shape: tuple[int, ...] = (4, 784)) -> Path:
-    """A tiny MultiBench-layout folder; the image arrays get ``image_shape``."""
-    for split in ("train", "test"):
-        (folder / "image").mkdir(parents=True, exist_ok=True)
-        (folder / "audio").mkdir(exist_ok=True)
-        np.save(folder / "image" / f"{split}_data.npy", np.zeros(image_shape, np.float32))
-        np.save(folder / "audio" / f"{split}_data.npy", np.zeros((4, 112, 112), np.float32))
-        np.save(folder / f"{split}_labels.npy", np.arange(4))
-    return folder
-
-
-def encoder_checkpoint(folder: Path, name: str) -> Path:
-    create_model(name).save_pretrained(folder)
-    return folder
-
-
-def truncated_encoder(folder: Path) -> Path:
-    weights = encoder_checkpoint(folder, "vit_avmnist_tiny") / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    return folder
-
-
-def corrupt_npy(folder: Path) -> Path:
-    (multibench(folder) / "image" / "train_data.npy").write_bytes(b"\x93NUMPY garbage")
-    return folder
-
-
-BAD_INPUTS = {  # name: (options, given the temporary folder; error; message)
-    "unknown data set": (lambda d: ["--dataset", "mnist3d"], ValueError, "unknown data set 'mnist3d'"),
-    "unknown encoder": (lambda d: ["--image-model", "vit_huge"], ValueError, "unknown encoder architecture"),
-    "rank 0": (lambda d: ["--rank", "0"], ValueError, "rank must be a positive integer"),
-    "negative rank": (lambda d: ["--rank", "-2"], ValueError, "rank must be a positive integer"),
-    "precision": (lambda d: ["--precision", "fp8"], ValueError, "precision must be one of fp32, bf16, fp16"),
-    "negative --max-bad-steps": (lambda d: ["--max-bad-steps", "-1"], ValueError, "max_bad_steps must be ≥ 0"),
-    "missing data folder": (
-        lambda d: ["--dataset", "avmnist", "--data-dir", str(d / "none")],
-        FileNotFoundError,
-        "--data-dir .*none",
-    ),
-    "data file of the wrong shape": (
-        lambda d: ["--dataset", "avmnist", "--data-dir", str(multibench(d, (4, 10)))],
-        ValueError,
-        r"image/train_data\.npy: shape \(4, 10\), expected \(N, 784\)",
-    ),
-    "corrupt .npy": (
-        lambda d: ["--dataset", "avmnist", "--data-dir", str(corrupt_npy(d))],
-        ValueError,
-        r"train_data\.npy: not a readable \.npy file",
-    ),
-    "missing encoder checkpoint": (
-        lambda d: ["--image-encoder", str(d / "vit")],
-        FileNotFoundError,
-        "--image-encoder .*vit",
-    ),
-    "truncated encoder checkpoint": (
-        lambda d: ["--image-encoder", str(truncated_encoder(d))],
-        ValueError,
-        r"model\.safetensors",
-    ),
-    "encoder of the wrong architecture": (
-        lambda d: ["--image-encoder", str(encoder_checkpoint(d, "ast_avmnist_tiny"))],
-        ValueError,
-        "ViT",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_named(case, tmp_path, capsys):
-    options, error, message = BAD_INPUTS[case]
-    with pytest.raises(error, match=message):
-        train.main(argv(tmp_path, "bad", "--unimodal-epochs", "0", *options(tmp_path)))
-    assert not (tmp_path / "runs" / "bad" / "state.pt").exists()
-
-
-def test_bad_resume_folders_are_named(reference, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
-        train.parse_args(["--resume", str(tmp_path)])
-    (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
-        train.parse_args(["--resume", str(tmp_path)])
-    (tmp_path / "config.json").write_text(json.dumps({"rank": 8, "colour": "blue"}))
-    with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
-        train.parse_args(["--resume", str(tmp_path)])
+        load_checkpoint(reference / "state.pt", torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(reference):
     root = reference.parents[1]
     run = subprocess.run(
@@ -274,8 +189,12 @@ def test_torchrun_two_processes_match_one(reference):
     accuracies = [numbers(results[key]) for results in (single, shared) for key in ("unimodal", "complete", "missing")]
     assert accuracies[:3] == [pytest.approx(a, abs=1.5 / single["merge_check"]["total"]) for a in accuracies[3:]]
     assert not list((root / "runs" / "ddp").glob(".*"))  # no temporary file from a second writer
-    with use_backend("torch"):  # its checkpoint resumes in one process
-        assert train.main(["--resume", str(root / "runs" / "ddp")])["complete"] >= 0
+    with use_backend("torch"):  # its checkpoint resumes in one process: finished, so only tested again
+        resumed = train.main(["--resume", str(root / "runs" / "ddp")])
+    tolerance = 1.5 / single["merge_check"]["total"]  # one prediction may flip with the batch composition
+    assert numbers({k: resumed[k] for k in ("unimodal", "complete", "missing")}) == pytest.approx(
+        numbers({k: shared[k] for k in ("unimodal", "complete", "missing")}), abs=tolerance
+    )
 
 
 # ---------------------------------------------------------------------------------------------- NaN
@@ -283,7 +202,7 @@ def test_torchrun_two_processes_match_one(reference):
 
 def test_nan_input_is_skipped_then_stops_the_run_naming_it(reference, monkeypatch, capsys):
     root = reference.parents[1]
-    calls, real_loss = 0, train.u2a_loss
+    calls, real_loss = 0, u2a.u2a_loss
 
     def poisoned_loss(model, batch, config):
         nonlocal calls
@@ -292,8 +211,8 @@ def test_nan_input_is_skipped_then_stops_the_run_naming_it(reference, monkeypatc
             batch["image"][0, 0, 0, 0] = float("nan")
         return real_loss(model, batch, config)
 
-    monkeypatch.setattr(train, "u2a_loss", poisoned_loss)
-    with use_backend("torch"), pytest.raises(train.NonFiniteError) as error:
+    monkeypatch.setattr(u2a, "u2a_loss", poisoned_loss)
+    with use_backend("torch"), pytest.raises(NonFiniteError) as error:
         train.main(argv(root, "nan", "--max-bad-steps", "1", "--precision", "bf16"))
     message = str(error.value)
     assert "U2A epoch 1 step 5/8" in message and "loss nan" in message and "NaN/Inf in the input image" in message

@@ -10,6 +10,11 @@ from safetensors.torch import load_file
 
 import train
 from kernels.backend import use_backend
+from lowrank_methods import METHODS, u2a
+from lowrank_train.cli import parse_args
+from lowrank_train.config import TrainConfig
+from lowrank_train.evaluate import fallback_probabilities, missing_mask
+from lowrank_util.errors import ConfigError
 
 EPOCHS = 2
 
@@ -38,7 +43,7 @@ def test_a_run_writes_every_output(finished):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
     assert json.loads((run_dir / "results.json").read_text()) == results
-    assert train.TrainConfig.from_json((run_dir / "config.json").read_text()).name == "full"
+    assert TrainConfig.from_json((run_dir / "config.json").read_text()).name == "full"
 
 
 def test_results_cover_every_modality_rate_and_fill(finished):
@@ -79,7 +84,7 @@ def test_unimodal_models_are_cached_and_reused(finished, capsys):
 def test_an_interrupted_run_resumes_to_the_same_result(finished, monkeypatch):
     _, results, root = finished
     calls = 0
-    real_loss = train.u2a_loss
+    real_loss = u2a.u2a_loss
 
     def failing_loss(*args):
         nonlocal calls
@@ -88,10 +93,10 @@ def test_an_interrupted_run_resumes_to_the_same_result(finished, monkeypatch):
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(train, "u2a_loss", failing_loss)
+    monkeypatch.setattr(u2a, "u2a_loss", failing_loss)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv(root, "--name", "interrupted"))
-    monkeypatch.setattr(train, "u2a_loss", real_loss)
+    monkeypatch.setattr(u2a, "u2a_loss", real_loss)
     run_dir = root / "runs" / "interrupted"
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
     assert train.main(["--resume", str(run_dir)]) == results
@@ -102,47 +107,50 @@ def test_an_interrupted_run_resumes_to_the_same_result(finished, monkeypatch):
 
 def test_an_existing_run_is_never_overwritten(finished):
     _, _, root = finished
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ConfigError, match="exists: continue it with --resume"):
         train.main(argv(root, "--name", "full"))
 
 
-def test_resume_refuses_options_that_change_the_results(finished, capsys):
+def test_resume_refuses_options_that_change_the_results(finished):
     run_dir, _, _ = finished
-    with pytest.raises(SystemExit):
-        train.parse_args(["--resume", str(run_dir), "--rank", "4", "--lr", "0.1"])
-    error = capsys.readouterr().err
-    assert "rank (run 8, given 4)" in error and "lr (run 0.002, given 0.1)" in error
-    config, _ = train.parse_args(["--resume", str(run_dir), "--device", "cpu", "--save-every", "7"])
+    with pytest.raises(ConfigError) as error:
+        parse_args(["--resume", str(run_dir), "--rank", "4", "--lr", "0.1"], METHODS)
+    assert "rank (run 8, given 4)" in str(error.value) and "lr (run 0.002, given 0.1)" in str(error.value)
+    config, _ = parse_args(["--resume", str(run_dir), "--device", "cpu", "--save-every", "7"], METHODS)
     assert (config.device, config.save_every, config.rank) == ("cpu", 7, 8)
 
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(("--rank", "0"), "rank"), (("--missing-train-rate", "1.5"), "missing_train_rate"), (("--warmup", "1"), "warmup")],
+    [
+        (("--rank", "0"), "--rank"),
+        (("--missing-train-rate", "1.5"), "--missing-train-rate"),
+        (("--warmup", "1"), "warmup"),
+    ],
 )
 def test_bad_config_is_named(option, message):
-    with pytest.raises(ValueError, match=message):
-        train.parse_args(list(option))
+    with pytest.raises(ConfigError, match=message):
+        parse_args(list(option), METHODS)
 
 
 def test_modality_dropout_removes_at_most_one_modality():
     draws = torch.rand(10_000, 2, generator=torch.Generator().manual_seed(0))
-    dropped = train.drop_modalities(draws, 2, 0.3)
+    dropped = u2a.drop_modalities(draws, 2, 0.3)
     assert dropped.sum(1).max() == 1
     assert 0.27 < dropped.any(1).float().mean() < 0.33
     assert 0.45 < dropped[:, 0].sum() / dropped.sum() < 0.55
-    assert not train.drop_modalities(draws, 2, 0.0).any()
+    assert not u2a.drop_modalities(draws, 2, 0.0).any()
 
 
 def test_missing_mask_hits_the_requested_share():
-    mask = train.missing_mask(200, 2, modality=1, rate=0.25, seed=0)
+    mask = missing_mask(200, 2, modality=1, rate=0.25, seed=0)
     assert mask[:, 1].sum() == 50 and not mask[:, 0].any()
-    assert torch.equal(mask, train.missing_mask(200, 2, modality=1, rate=0.25, seed=0))
+    assert torch.equal(mask, missing_mask(200, 2, modality=1, rate=0.25, seed=0))
 
 
 def test_fallback_uses_the_remaining_unimodal_model():
     complete = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
     unimodal = {"image": torch.tensor([[0.2, 0.8], [0.2, 0.8]]), "audio": torch.tensor([[0.6, 0.4], [0.3, 0.7]])}
     missing = torch.tensor([[False, False], [True, False]])
-    out = train.fallback_probabilities(complete, unimodal, missing, ("image", "audio"))
+    out = fallback_probabilities(complete, unimodal, missing, ("image", "audio"))
     assert torch.equal(out, torch.tensor([[0.9, 0.1], [0.3, 0.7]]))

@@ -1,0 +1,132 @@
+"""Evaluation: predictions over a data set (sharded over the processes) and the missing-modality
+protocols of docs/design.md §6: every fill the method has, and the fallback to the unimodal models.
+
+Shapes: N samples, M modalities, C classes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lowrank import merge_lora, unmerge_lora
+from lowrank_train.config import TrainConfig
+from lowrank_train.data import Batch, batches, to_device
+from lowrank_train.distributed import gather_shards, world
+from lowrank_util.errors import ConfigError
+from models.multimodal import UnimodalClassifier
+
+Logits = Callable[[Batch, torch.Tensor | None], torch.Tensor]  # (batch, missing rows (B, M) or None) → (B, C)
+FALLBACK = "unimodal"  # missing modality handled by the unimodal model(s) of the modalities that remain
+
+
+@torch.no_grad()
+def predict(
+    model: Logits, data: Dataset, config: TrainConfig, device: torch.device, missing: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (N, C) of ``model`` over ``data`` in order, under --precision's autocast; ``missing`` (N, M)
+    goes with its samples. Under torchrun, process r predicts samples r, r + P, … and every process
+    receives all N rows."""
+    rank, processes = world()
+    if len(data) < processes:
+        raise ConfigError(f"cannot share {len(data)} evaluation samples among {processes} processes")
+    shard = list(range(rank, len(data), processes))
+    logits, start = [], 0
+    for batch in DataLoader(data, config.batch_size, sampler=shard, generator=torch.Generator()):
+        size = len(batch["label"])
+        rows = None if missing is None else missing[shard[start : start + size]].to(device)
+        with config.autocast(device):
+            logits.append(model(to_device(batch, device), rows).float())
+        start += size
+    return gather_shards(torch.cat(logits), len(data)).cpu()
+
+
+def fused(model: torch.nn.Module, fill: str) -> Logits:
+    """A multimodal model's logits with missing modalities filled in by ``fill``."""
+    return lambda batch, missing: model({m: batch[m] for m in model.modalities}, missing, fill).logits
+
+
+def labels_of(data: Dataset, config: TrainConfig) -> torch.Tensor:
+    return torch.cat([batch["label"] for batch in batches(data, config)])
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def missing_mask(size: int, modalities: int, modality: int, rate: float, seed: int) -> torch.Tensor:
+    """(N, M) bool: ``modality`` missing in round(rate · N) samples, drawn with ``seed``."""
+    chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[: round(rate * size)]
+    mask = torch.zeros(size, modalities, dtype=torch.bool)
+    mask[chosen, modality] = True
+    return mask
+
+
+def fallback_probabilities(
+    complete: torch.Tensor, unimodal: dict[str, torch.Tensor], missing: torch.Tensor, modalities: tuple[str, ...]
+) -> torch.Tensor:
+    """(N, C): the multimodal model's probabilities where nothing is missing; elsewhere the mean of
+    the unimodal models' probabilities over the modalities present."""
+    present = (~missing).float()  # (N, M)
+    stacked = torch.stack([unimodal[m] for m in modalities], 1)  # (N, M, C)
+    remaining = (present[:, :, None] * stacked).sum(1) / present.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(missing.any(1, keepdim=True), remaining, complete)
+
+
+@torch.no_grad()
+def test_multimodal(
+    model: torch.nn.Module,
+    unimodal: dict[str, UnimodalClassifier],
+    data: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    fills: tuple[str, ...],
+) -> dict[str, Any]:
+    """Test accuracies: complete; and per modality × missing rate × fill (``fills`` + FALLBACK), on merged
+    weights (where there is LoRA). The same missing samples are used for every fill."""
+    model.eval()
+    labels = labels_of(data, config)
+    unmerged = predict(fused(model, fills[0]), data, config, device)
+    for encoder in model.encoders.values():
+        merge_lora(encoder)
+    try:
+        complete = predict(fused(model, fills[0]), data, config, device)
+        merge_check = dict(
+            agree=int((complete.argmax(1) == unmerged.argmax(1)).sum()),
+            total=len(labels),
+            max_abs_logit_diff=(complete - unmerged).abs().max().item(),
+        )
+        unimodal_probs = {
+            m: predict(lambda batch, _, u=u, m=m: u(batch[m]), data, config, device).softmax(1)
+            for m, u in unimodal.items()
+        }
+        missing_results: dict[str, dict[str, list[float]]] = {}
+        for i, modality in enumerate(model.modalities):
+            missing_results[modality] = {fill: [] for fill in (*fills, FALLBACK)}
+            for rate in config.missing_test:
+                missing = missing_mask(len(labels), len(model.modalities), i, rate, seed=config.seed + 1)
+                for fill in fills:
+                    logits = predict(fused(model, fill), data, config, device, missing)
+                    missing_results[modality][fill].append(accuracy(logits, labels))
+                fallback = fallback_probabilities(complete.softmax(1), unimodal_probs, missing, model.modalities)
+                missing_results[modality][FALLBACK].append(accuracy(fallback, labels))
+    finally:
+        for encoder in model.encoders.values():
+            unmerge_lora(encoder)
+    return dict(
+        unimodal={m: accuracy(p, labels) for m, p in unimodal_probs.items()},
+        complete=accuracy(complete, labels),
+        merge_check=merge_check,
+        missing_rates=list(config.missing_test),
+        missing=missing_results,
+    )
+
+
+def validation(
+    model: torch.nn.Module, fill: str, data: Dataset, config: TrainConfig, device: torch.device
+) -> Callable[[], float]:
+    """A closure for fit: the accuracy of ``model`` on ``data`` (complete), filled with ``fill``."""
+    labels = labels_of(data, config)
+    return lambda: accuracy(predict(fused(model, fill), data, config, device), labels)

@@ -1,0 +1,108 @@
+"""Stage 1: each modality's unimodal model (its encoder + a linear head), built once and cached.
+
+A given pretrained encoder (--{modality}-encoder) is frozen and only the head trains (a linear probe);
+otherwise the whole model trains from scratch on the modality. The cache folder's name holds a hash of
+everything the model depends on, so every run (method, seed of stage 2 aside) with the same stage 1
+reuses it; it holds the encoder (HF layout), head.safetensors and record.json, and while it trains its
+resume point is FOLDER.state.pt."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from lowrank_train.checkpoint import seed_everything, trainable_state
+from lowrank_train.config import TrainConfig
+from lowrank_train.distributed import is_main
+from lowrank_train.evaluate import accuracy, labels_of, predict
+from lowrank_train.loop import LossFunction, fit
+from lowrank_train.report import describe_parameters, trainable_parameters
+from lowrank_util.files import read_json, read_safetensors, sha256, staged
+from models import create_model
+from models.multimodal import UnimodalClassifier
+
+
+def encoder_checkpoint_file(path: str) -> Path:
+    """The model.safetensors of an HF-layout checkpoint given as a folder or as the file itself."""
+    p = Path(path)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def unimodal_cache_key(config: TrainConfig, modality: str) -> str:
+    """Hash of everything a unimodal model depends on: data, architecture, checkpoint, schedule, seed."""
+    model, checkpoint = config.model_for(modality)
+    facts = dict(
+        dataset=config.dataset, data_dir=config.data_dir, modality=modality, model=model,
+        checkpoint=None if checkpoint is None else sha256(encoder_checkpoint_file(checkpoint)),
+        epochs=config.unimodal_epochs, lr=config.unimodal_lr, batch_size=config.batch_size,
+        weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed, inputs="standardized",
+    )  # fmt: skip
+    if config.precision != "fp32":  # only then, so that fp32 keys stay those of earlier versions
+        facts["precision"] = config.precision
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage1_parameters(model: UnimodalClassifier, pretrained: str | None) -> int:
+    """Parameters stage 1 trains: the whole model, or only the head of a given pretrained encoder."""
+    return trainable_parameters(model.head) if pretrained else sum(p.numel() for p in model.parameters())
+
+
+def unimodal_model(
+    config: TrainConfig, modality: str, splits: dict[str, Dataset], num_classes: int, device: torch.device
+) -> tuple[UnimodalClassifier, dict[str, Any]]:
+    """``modality``'s unimodal model and its record (history, accuracies, the encoder's sha256), from the
+    cache or trained now."""
+    name, pretrained = config.model_for(modality)
+    folder = Path(config.cache_dir) / f"unimodal-{modality}-{name}-{unimodal_cache_key(config, modality)}"
+    partial = folder.with_name(folder.name + ".state.pt")
+    encoder_class = type(create_model(name))
+    if (folder / "record.json").is_file():
+        model = UnimodalClassifier(encoder_class.from_pretrained(folder / "encoder"), num_classes)
+        model.head.load_state_dict(read_safetensors(folder / "head.safetensors", "cached head"))
+        record = read_json(folder / "record.json")
+        print(f"stage 1 [{modality}]: cached unimodal model {folder} (test accuracy {record['test_accuracy']:.4f})")
+        return model.to(device).eval(), record
+    seed_everything(config.seed)
+    encoder = create_model(name) if pretrained is None else encoder_class.from_pretrained(pretrained)
+    model = UnimodalClassifier(encoder, num_classes).to(device)
+    if pretrained is not None:
+        model.encoder.requires_grad_(False)
+    how = "training it from scratch" if pretrained is None else f"linear probe on the frozen {pretrained}"
+    print(f"stage 1 [{modality}]: no cached unimodal model; {how} ({describe_parameters(model)})")
+    labels = {split: labels_of(data, config) for split, data in splits.items()}
+
+    def logits_of(split: str) -> torch.Tensor:
+        return predict(lambda batch, _: model(batch[modality]), splits[split], config, device)
+
+    history = fit(
+        model,
+        LossFunction(config, lambda batch: F.cross_entropy(model(batch[modality]), batch["label"])),
+        lambda: accuracy(logits_of("val"), labels["val"]),
+        splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device,
+        checkpoint=partial, describe=f"stage 1 [{modality}]",
+    )  # fmt: skip
+    record = dict(modality=modality, model=name, pretrained=pretrained, history=history)
+    record |= {f"{split}_accuracy": accuracy(logits_of(split), labels[split]) for split in ("val", "test")}
+    record["encoder_sha256"] = publish_unimodal(model, record, folder)
+    partial.unlink(missing_ok=True)
+    print(f"stage 1 [{modality}]: test accuracy {record['test_accuracy']:.4f}; cached in {folder}")
+    return model.eval(), record
+
+
+def publish_unimodal(model: UnimodalClassifier, record: dict[str, Any], folder: Path) -> str:
+    """Write the cache folder (main process only; atomically) and return the encoder's sha256."""
+    if not is_main():
+        return ""
+    with staged(folder, folder=True) as tmp:
+        model.encoder.save_pretrained(tmp / "encoder")
+        save_file(trainable_state(model.head), tmp / "head.safetensors")
+        digest = sha256(tmp / "encoder" / "model.safetensors")
+        (tmp / "record.json").write_text(json.dumps(record | {"encoder_sha256": digest}, indent=2), encoding="utf-8")
+    return digest
