@@ -9,27 +9,32 @@ Forward                                   Backward, G = dY [M, N]
     Y  = X Wᵀ + b + s · S Bᵀ [M, N]           dA = dSᵀ Xd                       [r, K]
                                               dB = s · Gᵀ S                     [N, r]
 W is frozen: it gets no gradient. b gets db = Σ_m G[m, :] only if it requires grad.
-Saved for backward: X, S (M × r) and W (a reference, not a copy); D is regenerated
-from a seed, never stored.
+Saved for backward: X, W, A, B (references, not copies), S (M × r) and the one-element
+seed tensor; D is regenerated from the seed, never stored. The backend the forward ran
+is recorded with them, and the backward runs that one (not a fresh choice, which could
+differ outside a ``use_backend`` block or on autograd's worker thread).
 
 Triton path: S, dS, dA, dB are rank-wide "skinny" GEMMs; Y and dX are one GEMM each
 with the rank-r expand in the epilogue (kernels/lowrank_matmul.py). Torch path (CPU):
 the same algebra in whole-tensor GEMMs, with W + s·B A folded first where that is cheaper
 (``folds_adapters``) and the adapters of q, k, v spread over one B (``spread_b``).
 
-LoRAFunction also serves kernels/lora_qkv.py: there the output is split into equal
+Eagerly the op is LoRAFunction; under torch.compile it is the custom ops ``lowrank::lora_forward``
+(returning Y and S) and ``lowrank::lora_backward``, with the same forward and backward.
+Both also serve kernels/lora_qkv.py: there the output is split into equal
 segments (q, k, v), each with its own adapter slot (its r columns of S, its rows of B)
 or none; a plain LoRA linear is the one-segment case.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import select_backend
+from kernels.backend import Backend, problem_of, select_backend
 from kernels.lowrank_matmul import dropout_mask, fused_matmul, skinny_matmul
 
 
@@ -73,24 +78,29 @@ def check_lora_inputs(
         raise ValueError(f"unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's global CPU generator (so torch.manual_seed makes runs repeatable)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed in [0, 2³¹ - 1) as a one-element int64 tensor, drawn on ``device`` by torch's generator
+    for it (torch.manual_seed seeds them all). The host never reads it on the Triton path, so a CUDA
+    graph replays the draw (a new mask per replay) and torch.compile traces it."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
-def regenerate_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """D [rows, cols] in {0, 1} as the current backend regenerates it from ``seed``."""
-    if select_backend(device) == "triton":
-        return dropout_mask(rows, cols, dropout_p, seed, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return (torch.rand(rows, cols, generator=generator, device=device) >= dropout_p).float()
+def regenerate_mask(rows: int, cols: int, dropout_p: float, seed: torch.Tensor, backend: Backend) -> torch.Tensor:
+    """D [rows, cols] in {0, 1} (on ``seed``'s device) as ``backend`` regenerates it from ``seed``.
+
+    The torch path seeds a torch.Generator, which reads the seed on the host (.item()).
+    """
+    if backend == "triton":
+        return dropout_mask(rows, cols, dropout_p, seed)
+    generator = torch.Generator(device=seed.device).manual_seed(int(seed.item()))
+    return (torch.rand(rows, cols, generator=generator, device=seed.device) >= dropout_p).float()
 
 
-def _dropped(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _dropped(x2d: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """Xd = D ⊙ X / (1 - p) on the torch path (a temporary; D is regenerated, not stored)."""
     if dropout_p == 0:
         return x2d
-    mask = regenerate_mask(*x2d.shape, dropout_p, seed, x2d.device)
+    mask = regenerate_mask(*x2d.shape, dropout_p, seed, "torch")
     return x2d * mask.to(x2d.dtype) / (1.0 - dropout_p)
 
 
@@ -156,7 +166,9 @@ def _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pi
 
 def _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
     rows, in_features = x2d.shape
-    # S = Xd @ Aᵀ, kept in fp32 (tiny) for an exact expand and dB.
+    # S = Xd @ Aᵀ, stored in fp32 (the accumulator, unrounded). The dots that read it (the expand
+    # here, dB later) cast each tile to the other operand's dtype, as tensor cores take one dtype:
+    # on the GPU they see S rounded once to X's dtype, as naive eager torch does.
     shrunk = torch.empty(rows, lora_a.shape[0], device=x2d.device, dtype=torch.float32)
     skinny_matmul(x2d, lora_a.t(), shrunk, dropout_p=dropout_p, seed=seed, mask_strides=(in_features, 1))
     out = torch.empty(rows, weight.shape[0], device=x2d.device, dtype=x2d.dtype)
@@ -185,7 +197,7 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
         if dropout_p == 0:
             grad_x.addmm_(grad_shrunk, lora_a)  # ... + dS A
         else:
-            mask = regenerate_mask(*x2d.shape, dropout_p, seed, x2d.device).to(grad_x.dtype)
+            mask = regenerate_mask(*x2d.shape, dropout_p, seed, "torch").to(grad_x.dtype)
             grad_x.addcmul_(grad_shrunk @ lora_a, mask, value=1.0 / (1.0 - dropout_p))  # ... + (dS A) ⊙ D / (1 - p)
     if need_a:
         # dA = dSᵀ Xd, computed as (Xdᵀ dS)ᵀ: BLAS runs this orientation about twice as fast on the CPU
@@ -201,15 +213,17 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
     return grad_x, grad_a, grad_b
 
 
-def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, pieces, needs):
+def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs):
     need_x, need_a, need_b = needs
-    in_features = x2d.shape[1]
+    in_features, (width, rank) = x2d.shape[1], (weight.shape[0] // len(slots), lora_b.shape[1])
+    # (segment, slot) of every adapter: one skinny launch computes all their dS_j (or dB_j)
+    pieces = tuple((g, j) for g, j in enumerate(slots) if j >= 0)
     grad_x = grad_a = grad_b = None
     if need_x or need_a:
-        grad_shrunk = torch.empty_like(shrunk)  # fp32 [M, n·r]
-        for piece in pieces:
-            # dS_j = scale * G_g @ B_j
-            skinny_matmul(grad[:, piece.out_cols], lora_b[piece.b_rows], grad_shrunk[:, piece.s_cols], scale=scale)
+        grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0], dtype=torch.float32)  # fp32 [M, n·r]
+        # dS_j = scale * G[:, g·w : (g+1)·w] @ B[j·w : (j+1)·w], written to dS[:, j·r : (j+1)·r]
+        steps = (width * grad.stride(1), width * lora_b.stride(0), rank * grad_shrunk.stride(1))
+        skinny_matmul(grad[:, :width], lora_b[:width], grad_shrunk[:, :rank], scale, pieces=pieces, piece_steps=steps)
     if need_x:
         grad_x = torch.empty_like(x2d)
         # dX = G @ W + (dS @ A) * D / (1 - p)   (Σ_j dS_j A_j = dS A: one segment)
@@ -220,51 +234,143 @@ def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p
         skinny_matmul(x2d.t(), grad_shrunk, grad_a.t(), dropout_p=dropout_p, seed=seed, mask_strides=(1, in_features))
     if need_b:
         grad_b = torch.empty_like(lora_b)
-        for piece in pieces:
-            # dB_j = scale * G_gᵀ @ S_j
-            skinny_matmul(grad[:, piece.out_cols].t(), shrunk[:, piece.s_cols], grad_b[piece.b_rows], scale=scale)
+        # dB_j = scale * G[:, g·w : (g+1)·w]ᵀ @ S[:, j·r : (j+1)·r], written to dB[j·w : (j+1)·w]
+        steps = (width * grad.stride(1), rank * shrunk.stride(1), width * grad_b.stride(0))
+        skinny_matmul(grad[:, :width].t(), shrunk[:, :rank], grad_b[:width], scale, pieces=pieces, piece_steps=steps)
     return grad_x, grad_a, grad_b
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk):
-    """(Y [..., N], S [M, n·r] or None, the backend that ran); S is kept if ``keep_shrunk`` (for dB)."""
+def lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk, backend):
+    """(Y [..., N], S [M, n·r] or None) on ``backend``; S is kept if ``keep_shrunk`` (for dB)."""
     x2d = x.reshape(-1, x.shape[-1])
-    backend = select_backend(x.device)
     if backend == "triton":
         out, shrunk = _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots)
     else:
         pieces = adapter_slices(slots, lora_b.shape[1], weight.shape[0])
         out, shrunk = _forward_torch(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, pieces, keep_shrunk)
-    return out.view(*x.shape[:-1], weight.shape[0]), shrunk, backend
+    return out.view(*x.shape[:-1], weight.shape[0]), shrunk if keep_shrunk else None
+
+
+def lora_backward(grad_out, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs, backend):
+    """(dX [x's shape], dA, dB), each None unless ``needs`` (x, A, B) asks for it, on ``backend`` (the forward's)."""
+    x2d, grad = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    if backend == "triton":
+        grads = _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs)
+    else:
+        pieces = adapter_slices(slots, lora_b.shape[1], weight.shape[0])
+        grads = _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, pieces, needs)
+    grad_x, grad_a, grad_b = grads
+    return (None if grad_x is None else grad_x.view(x.shape)), grad_a, grad_b
+
+
+def _save_for_backward(ctx, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, backend) -> None:
+    ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk, seed)
+    ctx.scale, ctx.dropout_p, ctx.slots, ctx.backend = scale, dropout_p, tuple(slots), backend
+
+
+def _gradients(ctx, grad_out, backward) -> tuple:
+    """The gradients of the forward's arguments (x, weight, bias, lora_a, lora_b, scale, dropout_p, seed,
+    slots, keep_shrunk, backend), computed by ``backward`` (lora_backward's signature) on the saved backend."""
+    x, weight, lora_a, lora_b, shrunk, seed = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+    grad_x, grad_a, grad_b = backward(
+        grad_out, x, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, ctx.slots, needs, ctx.backend
+    )
+    # db = Σ_m G[m, :]
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+    return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
 class LoRAFunction(torch.autograd.Function):
-    """Y = X Wᵀ + b + s · S_j B_jᵀ on each adapted output segment, with the backward of the module docstring."""
+    """Y = X Wᵀ + b + s · S_j B_jᵀ on each adapted output segment, with the backward of the module docstring
+    (eager mode; torch.compile traces the same computation as the custom ops below)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
-        out, shrunk, backend = lora_forward(
-            x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk=ctx.needs_input_grad[4]
-        )
-        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk)
-        ctx.backend, ctx.scale, ctx.dropout_p, ctx.seed, ctx.slots = backend, scale, dropout_p, seed, slots
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk, backend):
+        out, shrunk = lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk, backend)
+        _save_for_backward(ctx, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, backend)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
-        x2d, grad = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-        pieces = adapter_slices(ctx.slots, lora_b.shape[1], weight.shape[0])
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        backward = _backward_triton if ctx.backend == "triton" else _backward_torch
-        grad_x, grad_a, grad_b = backward(
-            grad, x2d, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, ctx.seed, pieces, needs
-        )
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
-        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None  # db = Σ_m G[m, :]
-        # forward args: x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+        return _gradients(ctx, grad_out, lora_backward)
+
+
+# The same forward and backward as custom ops, so that torch.compile sees two opaque nodes with
+# known output shapes (the register_fake functions) instead of tracing into Triton launches and
+# the seed. An empty tensor stands for "not computed" (an op cannot return None).
+@torch.library.custom_op("lowrank::lora_forward", mutates_args=())
+def lora_forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    slots: Sequence[int],
+    keep_shrunk: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S) of lora_forward; S is [0, n·r] when not kept."""
+    out, shrunk = lora_forward(
+        x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, tuple(slots), keep_shrunk, backend
+    )
+    return out, shrunk if shrunk is not None else x.new_empty(0, lora_a.shape[0])
+
+
+@lora_forward_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk, backend):
+    rows = x.numel() // x.shape[-1] if keep_shrunk else 0
+    shrunk_dtype = torch.float32 if backend == "triton" else x.dtype
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_a.shape[0], dtype=shrunk_dtype)
+
+
+@torch.library.custom_op("lowrank::lora_backward", mutates_args=())
+def lora_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    shrunk: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    slots: Sequence[int],
+    needs: Sequence[bool],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, dA, dB) of lora_backward; each is empty when not asked for."""
+    grads = lora_backward(
+        grad_out, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, tuple(slots), tuple(needs), backend
+    )
+    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@lora_backward_op.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs, backend):
+    likes = (x, lora_a, lora_b)
+    return tuple(like.new_empty(like.shape if need else (0,)) for like, need in zip(likes, needs, strict=True))
+
+
+def _backward_through_op(grad_out, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs, backend):
+    grads = lora_backward_op(grad_out, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs, backend)
+    return tuple(grad if need else None for grad, need in zip(grads, needs, strict=True))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk, backend = inputs
+    shrunk = output[1] if keep_shrunk else None
+    _save_for_backward(ctx, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, backend)
+
+
+def _op_backward(ctx, grad_out, _grad_shrunk):
+    return _gradients(ctx, grad_out, _backward_through_op)
+
+
+lora_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -280,8 +386,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
 
 
 def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed, slots) -> torch.Tensor:
-    """Validate the arguments, draw a dropout seed if needed, and run LoRAFunction (in the autocast
-    dtype under torch.autocast)."""
+    """Validate the arguments, pick the backend, draw a dropout seed if needed, and run the op (in the autocast
+    dtype under torch.autocast): LoRAFunction eagerly, the custom ops under torch.compile."""
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     check_lora_inputs(x, weight, bias, lora_a, lora_b, slots)
     if not 0.0 <= dropout_p < 1.0:
@@ -289,13 +395,24 @@ def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("LoRA treats the base weight as frozen: set weight.requires_grad = False")
     dropout_p = dropout_p if training else 0.0
-    if dropout_p > 0 and seed is None:
-        seed = draw_seed()
-    args = (x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed or 0, slots)
+    if dropout_p == 0:
+        seed = None
+    elif seed is None:
+        seed = draw_seed(x.device)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64, device=x.device)
+    rows = x.numel() // x.shape[-1]
+    backend = select_backend(x.device, problem_of(x.dtype, rows, *weight.shape, lora_a.shape[0], dropout_p))
+    args = (x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed, slots)
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)):
-            return LoRAFunction.apply(*args)
-        return lora_forward(*args, keep_shrunk=False)[0]  # inference: no autograd node, no S kept
+            keep_shrunk = lora_b.requires_grad  # dB is S's only consumer in the backward
+            if torch.compiler.is_compiling():
+                return lora_forward_op(*args, keep_shrunk, backend)[0]
+            return LoRAFunction.apply(*args, keep_shrunk, backend)
+        if torch.compiler.is_compiling():  # inference: no autograd node, no S kept
+            return lora_forward_op(*args, False, backend)[0]
+        return lora_forward(*args, False, backend)[0]
 
 
 def lora_linear(
@@ -307,11 +424,12 @@ def lora_linear(
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [..., N] = X Wᵀ + b + s · (Xd Aᵀ) Bᵀ for X [..., K]; dropout only when ``training``.
 
-    ``seed`` fixes the dropout mask (default: drawn from torch's global generator).
+    ``seed`` (an int, or a one-element int64 tensor on x's device) fixes the dropout mask (default: drawn on
+    x's device by torch's generator, see draw_seed).
     Raises ValueError on mismatched shapes/dtypes/devices and if W requires grad (it is frozen).
     """
     return apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed, slots=(0,))

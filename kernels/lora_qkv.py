@@ -44,7 +44,7 @@ def lora_qkv(
     projections: Sequence[str] = PROJECTIONS,
     dropout_p: float = 0.0,
     training: bool = False,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [..., 3D] of the module docstring for X [..., K]; dropout only when ``training``."""
     slots = qkv_slots(projections)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, select_backend
-from kernels.lowrank_matmul import load_tile, rank_block
+from kernels.lowrank_matmul import load_tile, rank_block, store_tile
 
 # Output tile: elementwise-bound (one read and one write of W), so square, moderate tiles.
 BLOCK_N = 64
@@ -26,20 +26,17 @@ def _merge_kernel(
     scale,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """out[n, k] = W[n, k] + scale · Σ_j B[n, j] A[j, k], all in fp32 (IEEE dot, no TF32)."""
+    """out[n, k] = W[n, k] + scale · Σ_j B[n, j] A[j, k], all in fp32 (IEEE dot, no TF32), in rank chunks of BLOCK_R."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, offs_n < N, offs_r < RANK, True)
-    a = load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, offs_r < RANK, offs_k < K, True)
-    delta = tl.dot(b, a, input_precision="ieee")
+    delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, RANK, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        b = load_tile(b_ptr, offs_n, ranks, stride_bn, stride_br, offs_n < N, ranks < RANK, True)
+        a = load_tile(a_ptr, ranks, offs_k, stride_ar, stride_ak, ranks < RANK, offs_k < K, True)
+        delta = tl.dot(b, a, delta, input_precision="ieee")
     w = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, offs_n < N, offs_k < K, True)
-    merged = w + scale * delta
-    tl.store(
-        out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
-        merged.to(out_ptr.dtype.element_ty),
-        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
-    )
+    store_tile(out_ptr, w + scale * delta, offs_n, offs_k, stride_on, stride_ok, offs_n < N, offs_k < K)
 
 
 @torch.no_grad()

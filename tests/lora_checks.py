@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.backend import Backend
+from kernels.lora_linear import regenerate_mask
+
 # Where kernel tests put their tensors: the CPU (Triton kernels interpreted, see conftest.py)
 # unless LOWRANK_TEST_DEVICE names another device, e.g. ``cuda`` for the compiled kernels.
 DEVICE = torch.device(os.environ.get("LOWRANK_TEST_DEVICE", "cpu"))
@@ -19,6 +22,11 @@ DEVICE = torch.device(os.environ.get("LOWRANK_TEST_DEVICE", "cpu"))
 # dtype → relative tolerance (against the tensor's max magnitude). About 4 units in
 # the last place of the dtype: fp32 2⁻²³·K-ish accumulation noise, fp16 2⁻¹⁰, bf16 2⁻⁷.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def mask_of(rows: int, cols: int, dropout_p: float, seed: int, backend: Backend) -> torch.Tensor:
+    """The dropout mask D [rows, cols] that ``backend`` draws from the int ``seed`` (on DEVICE)."""
+    return regenerate_mask(rows, cols, dropout_p, torch.tensor([seed], device=DEVICE), backend)
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_checks import DEVICE, assert_close_scaled, check_against_reference
+from lora_checks import DEVICE, assert_close_scaled, check_against_reference, mask_of
 
-from kernels.backend import BACKENDS, use_backend
-from kernels.lora_linear import folds_adapters, lora_linear, regenerate_mask
-from kernels.reference import lora_linear_ref
+from kernels.backend import BACKENDS, select_backend, use_backend
+from kernels.lora_linear import draw_seed, folds_adapters, lora_linear
+from kernels.lowrank_matmul import MAX_RANK_BLOCK, rank_block, tile_offsets
+from kernels.merge import merge_weight
+from kernels.reference import lora_linear_ref, merge_ref
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,7 +63,7 @@ def test_forward_and_gradients_match_reference(backend, dtype, problem):
     p, seed, scale = problem["dropout_p"], problem["seed"], 1.5
     rows, in_features = x.reshape(-1, x.shape[-1]).shape
     with use_backend(backend):
-        mask = regenerate_mask(rows, in_features, p, seed, x.device).view(x.shape) if p else None
+        mask = mask_of(rows, in_features, p, seed, backend).view(x.shape) if p else None
 
         def op(*tensors):
             return lora_linear(*tensors, scale, dropout_p=p, training=True, seed=seed)
@@ -81,10 +87,7 @@ def test_trainable_bias_gets_its_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_is_seeded_and_keeps_one_minus_p(backend):
-    with use_backend(backend):
-        first = regenerate_mask(200, 300, 0.3, seed=7, device=DEVICE)
-        again = regenerate_mask(200, 300, 0.3, seed=7, device=DEVICE)
-        other = regenerate_mask(200, 300, 0.3, seed=8, device=DEVICE)
+    first, again, other = (mask_of(200, 300, 0.3, seed, backend) for seed in (7, 7, 8))
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert abs(first.mean().item() - 0.7) < 0.01  # 60k Bernoulli draws: std 0.0019
@@ -118,7 +121,7 @@ def test_zero_b_is_the_base_layer(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_saves_no_mask(backend):
-    """Saved for backward: X, W, A, B and S only; the M × K dropout mask is regenerated."""
+    """Saved for backward: X, W, A, B, S and the seed only; the M × K dropout mask is regenerated."""
     rows, in_features, out_features, rank = 64, 48, 40, 4
     x, weight, bias, lora_a, lora_b = make_tensors(
         {"shape": (rows, in_features), "out_features": out_features, "rank": rank, "transposed_x": False,
@@ -131,7 +134,9 @@ def test_dropout_saves_no_mask(backend):
         torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t),
     ):
         lora_linear(x, weight, bias, lora_a, lora_b, 1.0, dropout_p=0.5, training=True)
-    expected = rows * in_features + out_features * in_features + rank * in_features + out_features * rank + rows * rank
+    seed = 1  # the one-element seed tensor
+    adapter = rank * in_features + out_features * rank
+    expected = rows * in_features + out_features * in_features + adapter + rows * rank + seed
     assert sum(saved) == expected
 
 
@@ -147,7 +152,7 @@ def test_torch_path_folds_the_adapter_only_where_it_is_exact_and_cheaper(rows, i
     assert folds_adapters(rows, in_features, x.dtype, dropout_p) == (in_features < rows and dropout_p == 0)
     assert folds_adapters(rows, 20, x.dtype, dropout_p) == (rows > 20 and dropout_p == 0)  # backward: N < M
     assert not folds_adapters(rows, in_features, torch.float16, dropout_p)
-    mask = regenerate_mask(rows, in_features, dropout_p, 7, x.device) if dropout_p else None
+    mask = mask_of(rows, in_features, dropout_p, 7, "torch") if dropout_p else None
 
     def op(*tensors):
         return lora_linear(*tensors, 1.5, dropout_p=dropout_p, training=True, seed=7)
@@ -232,3 +237,79 @@ def test_autotune_switch_keeps_one_tile_per_dot_kind(monkeypatch):
     monkeypatch.setenv("LOWRANK_AUTOTUNE", "0")
     assert lm._swept(lm._GPU_TILES) == lm._GPU_TILES[:1]
     assert lm._swept(lm._FMA_TILES) == lm._FMA_TILES[:1]
+
+
+@pytest.mark.parametrize("where", ["after the block", "on another thread"])
+def test_backward_runs_the_backend_its_forward_ran(where):
+    """Forward forced onto the torch path, backward where the default rule picks Triton (outside the
+    use_backend block, or on a fresh thread, whose context has no forced backend): dX and dA must still
+    use the torch path's dropout mask."""
+    problem = {"shape": (9, 14), "out_features": 10, "rank": 3, "transposed_x": False, "bias": False, "seed": 11}
+    x, weight, bias, lora_a, lora_b = make_tensors(problem, torch.float32)
+    grad_out = torch.randn(9, 10, device=DEVICE)
+    with use_backend(None):
+        with use_backend("torch"):
+            out = lora_linear(x, weight, bias, lora_a, lora_b, 1.5, dropout_p=0.5, training=True, seed=11)
+        assert select_backend(DEVICE) == "triton"  # what the backward would pick afresh
+        if where == "after the block":
+            out.backward(grad_out)
+        else:
+            thread = threading.Thread(target=out.backward, args=(grad_out,))
+            thread.start()
+            thread.join()
+    mask = mask_of(9, 14, 0.5, 11, "torch")
+    upcast = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b)]
+    expected = lora_linear_ref(upcast[0], weight, bias, upcast[1], upcast[2], 1.5, dropout_p=0.5, dropout_mask=mask)
+    expected.backward(grad_out)
+    for name, tensor, reference in zip(("x", "lora_a", "lora_b"), (x, lora_a, lora_b), upcast, strict=True):
+        assert_close_scaled(tensor.grad, reference.grad, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize(("rank", "dropout_p"), [(128, 0.0), (128, 0.3)])
+def test_ranks_wider_than_the_rank_block_loop_over_chunks(rank, dropout_p):
+    """r = 128 is two 64-wide rank chunks (the block is capped); output and gradients still match."""
+    assert rank_block(rank) == MAX_RANK_BLOCK
+    problem = {"shape": (6, 19), "out_features": 13, "rank": rank, "transposed_x": False, "bias": True, "seed": 12}
+    x, weight, bias, lora_a, lora_b = make_tensors(problem, torch.float32)
+    mask = mask_of(6, 19, dropout_p, 12, "triton") if dropout_p else None
+    with use_backend("triton"):
+        check_against_reference(
+            lambda *t: lora_linear(*t, 0.5, dropout_p=dropout_p, training=True, seed=12),
+            lambda *t: lora_linear_ref(*t, 0.5, dropout_p=dropout_p, dropout_mask=mask),
+            x, weight, bias, lora_a, lora_b,
+        )  # fmt: skip
+        merged = merge_weight(weight, lora_a.detach(), lora_b.detach(), 0.5)
+    assert_close_scaled(merged, merge_ref(weight, lora_a.detach(), lora_b.detach(), 0.5), torch.float32, "merged")
+
+
+@triton.jit
+def _offsets_kernel(out_ptr, first_row, stride_row, BLOCK: tl.constexpr):
+    rows, cols = first_row + tl.arange(0, BLOCK), tl.arange(0, BLOCK)
+    tl.store(out_ptr + tile_offsets(cols, cols, BLOCK, 1), tile_offsets(rows, cols, stride_row, 1))
+
+
+def test_element_offsets_are_int64_past_two_to_the_31():
+    """Row 2²⁰ of a K = 2048 matrix starts at element 2³¹: an int32 offset would wrap negative.
+    Every kernel addresses its tiles through tile_offsets (the full-size shape runs in bench/gpu.sh)."""
+    first_row, stride, block = 2**20, 2048, 16
+    out = torch.empty(block, block, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](out, first_row, stride, BLOCK=block)
+    rows, cols = torch.arange(block, device=DEVICE) + first_row, torch.arange(block, device=DEVICE)
+    assert torch.equal(out, rows[:, None] * stride + cols[None, :])
+    assert out.min() >= 2**31
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_seed_is_a_device_tensor_repeatable_under_manual_seed(backend):
+    seed = draw_seed(DEVICE)
+    assert seed.device == DEVICE and seed.dtype == torch.int64 and seed.shape == (1,)
+    x, weight, bias, lora_a, lora_b = make_tensors(
+        {"shape": (8, 16), "out_features": 12, "rank": 4, "transposed_x": False, "bias": True, "seed": 3},
+        torch.float32,
+    )
+    outputs = []
+    with use_backend(backend), torch.no_grad():
+        for _ in range(2):
+            torch.manual_seed(5)
+            outputs.append(lora_linear(x, weight, bias, lora_a, lora_b, 2.0, dropout_p=0.5, training=True))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)

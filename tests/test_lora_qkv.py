@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_checks import DEVICE, assert_close_scaled, check_against_reference
+from lora_checks import DEVICE, assert_close_scaled, check_against_reference, mask_of
 
 from kernels.backend import BACKENDS, use_backend
-from kernels.lora_linear import lora_linear, regenerate_mask
+from kernels.lora_linear import lora_linear
 from kernels.lora_qkv import lora_qkv, qkv_slots
 from kernels.reference import lora_qkv_ref
 from lowrank import LoRAQKVLinear
@@ -44,7 +44,7 @@ def make_qkv(tokens, in_features, width, rank, projections, dtype, seed, bias=Tr
 def test_qkv_matches_reference(backend, dtype, projections, tokens, in_features, width, rank, dropout_p, seed):
     tensors = make_qkv(tokens, in_features, width, rank, projections, dtype, seed)
     with use_backend(backend):
-        mask = regenerate_mask(tokens, in_features, dropout_p, seed, DEVICE) if dropout_p else None
+        mask = mask_of(tokens, in_features, dropout_p, seed, backend) if dropout_p else None
         check_against_reference(
             lambda *t: lora_qkv(*t, 0.75, projections, dropout_p=dropout_p, training=True, seed=seed),
             lambda *t: lora_qkv_ref(*t, 0.75, projections, dropout_p=dropout_p, dropout_mask=mask),
@@ -111,3 +111,16 @@ def test_qkv_layer_zero_b_merge_unmerge(backend):
         layer.unmerge()
     assert torch.equal(layer.weight, original)
     assert layer.weight is linear.weight
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_qkv_at_rank_64_loops_over_rank_chunks(dropout_p):
+    """q, k, v at r = 64: S, dS and dA are n·r = 192 wide, three 64-wide chunks of the capped rank block."""
+    tensors = make_qkv(6, 21, 5, 64, ("q", "k", "v"), torch.float32, seed=2)
+    mask = mask_of(6, 21, dropout_p, 2, "triton") if dropout_p else None
+    with use_backend("triton"):
+        check_against_reference(
+            lambda *t: lora_qkv(*t, 0.5, ("q", "k", "v"), dropout_p=dropout_p, training=True, seed=2),
+            lambda *t: lora_qkv_ref(*t, 0.5, ("q", "k", "v"), dropout_p=dropout_p, dropout_mask=mask),
+            *tensors,
+        )
