@@ -8,7 +8,7 @@ implementations on the same inputs. An op's backward runs the backend its forwar
 (recorded with the op), never a fresh choice.
 
 Dispatch table (written by ``python -m bench tune``): JSON
-``{"device": NAME, "entries": [{"dtype", "N", "K", "rank_columns", "m_octave", "dropout", "backend"}, …]}``,
+``{"device": NAME, "entries": [{<the fields of Problem>, "backend": "triton" | "torch", …}, …]}``,
 read from ``$LOWRANK_DISPATCH`` or else ``bench/results/dispatch-<device slug>.json`` beside this
 package, once per device. A problem it does not list, or a table for another device, gets the
 default (Triton). Torch entries with dropout are ignored: the torch path reads the dropout seed
@@ -29,8 +29,11 @@ from typing import Literal, NamedTuple
 
 import torch
 
-Backend = Literal["triton", "torch"]
-BACKENDS: tuple[Backend, ...] = ("triton", "torch")
+Backend = Literal["triton", "torch", "reference"]
+BACKENDS: tuple[Backend, ...] = ("triton", "torch")  # the two implementations (what tests run both of)
+# "reference": kernels/reference.py's unfused algebra X Wᵀ + b + s · (Xd Aᵀ) Bᵀ, only when forced. It is the
+# independent side of a merge check: on the CPU the torch path folds W + s · B A exactly as merging does.
+FORCEABLE: tuple[Backend, ...] = (*BACKENDS, "reference")
 DISPATCH_ENV = "LOWRANK_DISPATCH"
 
 _forced: ContextVar[Backend | None] = ContextVar("lowrank_backend", default=None)
@@ -61,8 +64,8 @@ def interpreting() -> bool:
 @contextlib.contextmanager
 def use_backend(backend: Backend | None) -> Iterator[None]:
     """Force ``backend`` for every op called inside the block (``None``: the default rule)."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend is not None and backend not in FORCEABLE:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {FORCEABLE}")
     token = _forced.set(backend)
     try:
         yield
@@ -97,7 +100,7 @@ def dispatch_table(device_name: str, path: Path) -> dict[Problem, Backend]:
     if table.get("device") != device_name:
         return {}
     return {
-        Problem(e["dtype"], e["N"], e["K"], e["rank_columns"], e["m_octave"], e["dropout"]): e["backend"]
+        Problem(**{field: e[field] for field in Problem._fields}): e["backend"]
         for e in table["entries"]
         if e["backend"] in BACKENDS and not (e["backend"] == "torch" and e["dropout"])
     }

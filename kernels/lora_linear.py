@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from kernels.backend import Backend, problem_of, select_backend
 from kernels.lowrank_matmul import dropout_mask, fused_matmul, skinny_matmul
+from kernels.reference import lora_linear_ref, lora_qkv_ref
 
 
 def check_lora_inputs(
@@ -240,9 +241,21 @@ def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p
     return grad_x, grad_a, grad_b
 
 
+def _forward_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots):
+    """kernels/reference.py's Y, on the torch path's dropout mask."""
+    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    mask = regenerate_mask(rows, cols, dropout_p, seed, "torch").view(x.shape) if dropout_p else None
+    if tuple(slots) == (0,):
+        return lora_linear_ref(x, weight, bias, lora_a, lora_b, scale, dropout_p, mask)
+    projections = tuple(name for name, slot in zip("qkv", slots, strict=True) if slot >= 0)
+    return lora_qkv_ref(x, weight, bias, lora_a, lora_b, scale, projections, dropout_p, mask)
+
+
 def lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots, keep_shrunk, backend):
     """(Y [..., N], S [M, n·r] or None) on ``backend``; S is kept if ``keep_shrunk`` (for dB)."""
     x2d = x.reshape(-1, x.shape[-1])
+    if backend == "reference":
+        return _forward_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots), None
     if backend == "triton":
         out, shrunk = _forward_triton(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slots)
     else:
@@ -405,6 +418,8 @@ def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed
     backend = select_backend(x.device, problem_of(x.dtype, rows, *weight.shape, lora_a.shape[0], dropout_p))
     args = (x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed, slots)
     with torch.autocast(x.device.type, enabled=False):
+        if backend == "reference":  # plain differentiable torch ops: autograd derives the backward
+            return _forward_reference(*args)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)):
             keep_shrunk = lora_b.requires_grad  # dB is S's only consumer in the backward
             if torch.compiler.is_compiling():

@@ -48,7 +48,7 @@ def merge_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
             f"cannot merge lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} into weight "
             f"{tuple(weight.shape)}: expected lora_a [r, {in_features}] and lora_b [{out_features}, r]"
         )
-    if select_backend(weight.device) == "torch":
+    if select_backend(weight.device) != "triton":  # torch (or the reference: the same fp32 sum)
         # out = W + scale * B @ A, in fp32
         return torch.addmm(weight.float(), lora_b.float(), lora_a.float(), alpha=scale).to(weight.dtype)
     out = torch.empty_like(weight)

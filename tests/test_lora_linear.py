@@ -14,9 +14,10 @@ from lora_checks import DEVICE, assert_close_scaled, check_against_reference, ma
 
 from kernels.backend import BACKENDS, select_backend, use_backend
 from kernels.lora_linear import draw_seed, folds_adapters, lora_linear
+from kernels.lora_qkv import lora_qkv
 from kernels.lowrank_matmul import MAX_RANK_BLOCK, rank_block, tile_offsets
 from kernels.merge import merge_weight
-from kernels.reference import lora_linear_ref, merge_ref
+from kernels.reference import lora_linear_ref, lora_qkv_ref, merge_ref
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -313,3 +314,18 @@ def test_dropout_seed_is_a_device_tensor_repeatable_under_manual_seed(backend):
             torch.manual_seed(5)
             outputs.append(lora_linear(x, weight, bias, lora_a, lora_b, 2.0, dropout_p=0.5, training=True))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_reference_backend_runs_the_unfused_algebra():
+    """The unmerged side of train.py's merge check: kernels/reference.py bit for bit, not the torch path,
+    which here (fp32, no dropout, K < M) folds W + s · B A exactly as merging does."""
+    x, weight, bias, lora_a, lora_b = make_tensors(
+        {"shape": (48, 12), "out_features": 21, "rank": 3, "transposed_x": False, "bias": True, "seed": 13},
+        torch.float32,
+    )
+    assert folds_adapters(48, 12, torch.float32, 0.0)
+    with use_backend("reference"), torch.no_grad():
+        out = lora_linear(x, weight, bias, lora_a, lora_b, 1.5)
+        qkv = lora_qkv(x, weight, bias, lora_a, lora_b[:7], 1.5, ("k",))
+    assert torch.equal(out, lora_linear_ref(x, weight, bias, lora_a, lora_b, 1.5))
+    assert torch.equal(qkv, lora_qkv_ref(x, weight, bias, lora_a, lora_b[:7], 1.5, ("k",)))
