@@ -1,8 +1,9 @@
-"""python -m bench {kernels,train,report,runs} — see bench/README.md.
+"""python -m bench {kernels,train,tune,report,runs,compare} — see bench/README.md.
 
     python -m bench kernels [--quick] [--dims 384 768 1024] [--tokens 1576 4096] [--ranks 8 16 64]
                             [--dtype float32 bfloat16] [--device cuda] [--out bench/results] [--plot]
     python -m bench train   [--quick] [--dtype ...] [--device ...] [--out ...] [--plot]
+    python -m bench tune    [--quick] [--dims ...] [--tokens ...] [--ranks ...] [--dtype ...] [--out DIR]
     python -m bench report  bench/results/<file>.csv ...
     python -m bench runs    runs/NAME-s0 runs/NAME-s1 ... [--out FILE.md]
     python -m bench compare --dataset avmnist-mini --methods ... --seeds 0 1 2 [--ranks 1 4 16] ...
@@ -11,6 +12,8 @@ kernels/train append rows to ``<out>/<device>-<UTC date>-<suite>.csv``, print th
 tables and the targets met or missed; ``--plot`` also writes a PNG beside the CSV. runs prints
 (and with ``--out`` writes) the mean ± std over the seeds of train.py runs. compare runs train.py
 methods × seeds and writes the comparison table (its own options: ``python -m bench compare --help``).
+tune times the Triton and torch paths per problem and writes the dispatch table kernels/backend.py
+reads (default: bench/results/dispatch-<device>.json, or $LOWRANK_DISPATCH; ``--out DIR``: DIR/…).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench import compare, kernels, report, runs, train
+from bench import compare, kernels, report, runs, train, tune
 from bench.plot import plot_kernels, plot_train
-from bench.results import RESULTS, append_rows, provenance, results_path
+from bench.results import RESULTS, append_rows, device_name, provenance, results_path
 from lowrank_util.cli import ArgumentParser, run_command
 
 # CPU repetitions (CUDA: do_bench's own): full runs, and --quick (under a minute on 2 cores).
@@ -34,7 +37,7 @@ QUICK_TIMER = {"warmup": 1, "reps": 3}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=["kernels", "train", "report", "runs", "compare"])
+    parser.add_argument("suite", choices=["kernels", "train", "tune", "report", "runs", "compare"])
     parser.add_argument("paths", nargs="*", type=Path, help="report: CSV files to tabulate; runs: run folders")
     parser.add_argument("--quick", action="store_true", help="tiny shapes / small models, few repetitions")
     parser.add_argument("--dims", nargs="+", type=int, default=[384, 768, 1024], help="kernels: D (MLP: D → 4D)")
@@ -92,8 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     timer = dict(QUICK_TIMER if args.quick else CPU_TIMER) | ({"reps": args.reps} if args.reps else {})
     if args.cuda_graph:
         timer["cuda_graph"] = True
+    shapes = kernels.QUICK_SHAPES if args.quick else kernels.full_shapes(args.dims, args.tokens, args.ranks)
+    if args.suite == "tune":
+        entries = tune.table_entries(tune.tune_cases(shapes), dtypes, device, timer)
+        print(tune.summary(entries))
+        print(f"\nwrote {tune.write_table(device_name(device), entries, args.out)}")
+        return
     if args.suite == "kernels":
-        shapes = kernels.QUICK_SHAPES if args.quick else kernels.full_shapes(args.dims, args.tokens, args.ranks)
         rows = kernels.run(shapes, dtypes, device, timer)
     else:
         rows = train.run(dtypes, device, quick=args.quick, timer=timer)

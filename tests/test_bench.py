@@ -90,3 +90,32 @@ def test_runs_summary_gives_mean_and_std_over_seeds(tmp_path):
         runs.load_runs([*folders, fake_run(tmp_path / "c", 2, 0.7, rank=4)])
     with pytest.raises(FileNotFoundError, match="finished"):
         runs.load_runs([tmp_path])
+
+
+def test_tune_writes_the_table_the_dispatcher_reads(tmp_path, monkeypatch):
+    """bench tune's table (timings faked: torch faster at q, k, v only) round-trips through the dispatcher."""
+    import torch
+
+    from bench import kernels, tune
+    from kernels import backend as dispatch
+
+    shape = kernels.Shape(4096, 768, 768, 16)
+    cases = tune.tune_cases([shape])
+    assert [(case.adapters, p) for case, p in cases] == [(1, 0.0), (3, 0.0), (1, 0.1), (3, 0.1)]
+
+    def fake_measure(case, dropout_p, dtype, device, timer):
+        return {"triton": 2.0, "torch": 1.0 if case.adapters == 3 else 3.0}
+
+    entries = tune.table_entries(cases, [torch.bfloat16], torch.device("cuda"), {}, measure=fake_measure)
+    path = tune.write_table("Fake GPU", entries, tmp_path)
+    assert path.name == "dispatch-fake-gpu.json"
+    assert "| bfloat16 | 12 | 768→2304 | 48 | False | 2 | 1 | torch |" in tune.summary(entries)
+    monkeypatch.setenv(dispatch.DISPATCH_ENV, str(path))
+    dispatch.dispatch_table.cache_clear()
+    try:
+        qkv = dispatch.problem_of(torch.bfloat16, 4000, 2304, 768, 48, 0.0)  # M = 4000: the same octave
+        assert dispatch.measured_backend("Fake GPU", qkv) == "torch"
+        assert dispatch.measured_backend("Fake GPU", qkv._replace(dropout=True)) == "triton"  # host seed
+        assert dispatch.measured_backend("Fake GPU", qkv._replace(rank_columns=16, out_features=768)) == "triton"
+    finally:
+        dispatch.dispatch_table.cache_clear()
