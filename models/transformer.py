@@ -319,7 +319,7 @@ class TransformerEncoder(nn.Module):
         hf_config, hf_state = read_checkpoint(Path(path))
         try:
             config = cls.config_class.from_hf_config(hf_config)
-            state_dict = hf_to_ours(hf_state, cls.hf_layout, config.num_hidden_layers)
+            state_dict = cls.state_from_hf(hf_state, config)
             with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
                 model = cls(dataclasses.replace(config, use_pooler="pooler.weight" in state_dict))
             model.load_state_dict(
@@ -335,8 +335,18 @@ class TransformerEncoder(nn.Module):
         ``transformers``' ``config_class.hf_architecture`` loads the result. Adapter tensors (keys with
         "lora_") are not written: merge them into the weights first to export an adapted model.
         """
-        hf_state = ours_to_hf(self.state_dict(), self.hf_layout, self.config.num_hidden_layers)
+        hf_state = self.state_to_hf(self.state_dict())
         write_checkpoint(Path(directory), self.config.to_hf_config(), hf_state)
+
+    @classmethod
+    def state_from_hf(cls, hf_state: Mapping[str, torch.Tensor], config: EncoderConfig) -> StateDict:
+        """HF checkpoint tensors → our state dict for an encoder of ``config`` (pure), by the ``hf_layout``
+        key table; an encoder whose keys that table cannot express (Whisper) overrides this and state_to_hf."""
+        return hf_to_ours(hf_state, cls.hf_layout, config.num_hidden_layers)
+
+    def state_to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+        """Inverse of state_from_hf (pure): our keys → HF base-model keys, LoRA tensors left out."""
+        return ours_to_hf(state_dict, self.hf_layout, self.config.num_hidden_layers)
 
     def hf_module_paths(self) -> dict[str, dict[str, tuple[str, ...]]]:
         """{naming: {our module path: its module path(s) in the ``transformers`` model}}, for peft adapters.
