@@ -20,6 +20,7 @@ setup(
         "einops",
         "tqdm",
         "matplotlib",
+        "soxr",  # Whisper's front end resamples audio to 16 kHz (models/whisper_features.py)
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff"],

@@ -1,11 +1,12 @@
-"""Encoders that load Hugging Face checkpoints: ViT (images), AST (spectrograms), BERT (text)."""
+"""Encoders that load Hugging Face checkpoints: ViT (images), AST (spectrograms), BERT (text), Whisper (audio)."""
 
 from models.ast import AST, ASTConfig
 from models.bert import Bert, BertConfig
 from models.transformer import MODEL_REGISTRY, CheckpointError, TransformerEncoder, create_model
 from models.vit import ViT, ViTConfig
+from models.whisper import Whisper, WhisperConfig
 
-ENCODER_CLASSES: tuple[type[TransformerEncoder], ...] = (ViT, AST, Bert)  # by config_class.model_type
+ENCODER_CLASSES: tuple[type[TransformerEncoder], ...] = (ViT, AST, Bert, Whisper)  # by config_class.model_type
 
 __all__ = [
     "AST",
@@ -18,5 +19,7 @@ __all__ = [
     "TransformerEncoder",
     "ViT",
     "ViTConfig",
+    "Whisper",
+    "WhisperConfig",
     "create_model",
 ]
