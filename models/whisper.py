@@ -77,6 +77,17 @@ WHISPER_TOP = (("encoder.conv1", "conv1"), ("encoder.conv2", "conv2"), ("encoder
 POSITIONS = ("encoder.embed_positions.weight", "pos_embed")  # (HF key, our buffer)
 ENCODER_PREFIX = "encoder."  # WhisperModel's; WhisperForConditionalGeneration nests it under "model."
 TASK_PREFIX = "model."
+# EncoderConfig's field → WhisperConfig's (HF's) field holding its value; presets accept either name.
+GENERIC_NAMES = {
+    "hidden_size": "d_model",
+    "num_hidden_layers": "encoder_layers",
+    "num_attention_heads": "encoder_attention_heads",
+    "intermediate_size": "encoder_ffn_dim",
+    "hidden_act": "activation_function",
+    "hidden_dropout_prob": "dropout",
+    "attention_probs_dropout_prob": "attention_dropout",
+    "initializer_range": "init_std",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,18 +124,8 @@ class WhisperConfig(EncoderConfig):
     qkv_bias: bool = field(init=False, default=True, repr=False)  # q and v biases; the k slice is zero
 
     def __post_init__(self) -> None:
-        derived = dict(
-            hidden_size=self.d_model,
-            num_hidden_layers=self.encoder_layers,
-            num_attention_heads=self.encoder_attention_heads,
-            intermediate_size=self.encoder_ffn_dim,
-            hidden_act=self.activation_function,
-            hidden_dropout_prob=self.dropout,
-            attention_probs_dropout_prob=self.attention_dropout,
-            initializer_range=self.init_std,
-        )
-        for name, value in derived.items():
-            object.__setattr__(self, name, value)
+        for generic, hf_name in GENERIC_NAMES.items():
+            object.__setattr__(self, generic, getattr(self, hf_name))
         super().__post_init__()
 
     @classmethod
@@ -321,15 +322,20 @@ def whisper_to_hf(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> St
 # ---------------------------------------------------------------------------------------------- registry
 
 
+def build_whisper(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> Whisper:
+    """build_encoder for Whisper; ``overrides`` may use EncoderConfig's names (hidden_size, num_hidden_layers, …)."""
+    return build_encoder(Whisper, defaults, {GENERIC_NAMES.get(k, k): v for k, v in overrides.items()})
+
+
 @register_model
 def whisper_tiny(**overrides: Any) -> Whisper:
-    """Whisper tiny / tiny.en's encoder: 80 mels, 1500 positions, D = 384, 4 blocks, 6 heads, MLP 1536 (8.2M)."""
-    args = dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536)
-    return build_encoder(Whisper, args, overrides)
+    """Whisper tiny / tiny.en's encoder: 80 mels, 1500 positions, D = 384, 4 blocks, 6 heads, MLP 1536 (7.6M)."""
+    return build_whisper(
+        dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536), overrides
+    )
 
 
 @register_model
 def whisper_smoke(**overrides: Any) -> Whisper:
     """A small random Whisper for tests and smoke runs: 80 mels, 1500 positions, D = 32, 2 blocks, 4 heads."""
-    args = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64)
-    return build_encoder(Whisper, args, overrides)
+    return build_whisper(dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64), overrides)

@@ -197,7 +197,7 @@ def test_registry_and_encoder_classes():
 
 
 def test_lora_on_q_v_o_mlp_trains_and_merges():
-    model = create_model("whisper_smoke", encoder_layers=1)
+    model = create_model("whisper_smoke", num_hidden_layers=1)  # EncoderConfig's name for encoder_layers
     x = torch.randn(2, 80, 30)
     with torch.no_grad():
         before, _ = model(x)
