@@ -11,7 +11,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lowrank", "lowrank_util", "kernels", "models", "mmdata", "bench"],
+    packages=["lowrank_util", "kernels", "lowrank", "models", "mmdata", "lowrank_train", "lowrank_methods", "bench"],
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
