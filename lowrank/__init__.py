@@ -4,12 +4,13 @@ model = add_lora(model, LoRAConfig(rank=8, alpha=16, targets=("q", "v")))
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
 ...
 save_adapter(model, "adapter/");  merge_lora(model)  # plain-GEMM inference;  remove_lora(model) undoes add_lora
+fold_lora(model)  # the adapters become part of the weights for good (a plain model again)
 export_peft(model, "peft_adapter/")  # the same adapter for peft + transformers; import_peft reads one back
 """
 
 from lowrank.adapter_io import load_adapter, save_adapter
 from lowrank.config import LoRAConfig
-from lowrank.inject import TARGET_PATTERNS, add_lora, remove_lora
+from lowrank.inject import TARGET_PATTERNS, add_lora, fold_lora, remove_lora
 from lowrank.layer import LoRALayer
 from lowrank.linear import LoRALinear
 from lowrank.peft_io import export_peft, import_peft
@@ -30,6 +31,7 @@ __all__ = [
     "LoRAQKVLinear",
     "add_lora",
     "export_peft",
+    "fold_lora",
     "import_peft",
     "load_adapter",
     "lora_parameters",

@@ -19,13 +19,14 @@ import contextlib
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lowrank.config import LoRAConfig
 from lowrank.layer import LoRALayer
 from lowrank.linear import LoRALinear
 from lowrank.qkv import LoRAQKVLinear
-from lowrank.state import lora_layers, mark_only_lora_as_trainable
+from lowrank.state import lora_layers, mark_only_lora_as_trainable, merge_lora
 
 QKV_TARGETS = ("q", "k", "v")
 # target name → regex over module names (full match). Edit a copy, or pass regexes as targets.
@@ -93,6 +94,19 @@ def remove_lora(model: nn.Module) -> nn.Module:
         linear.weight, linear.bias = layer.weight, layer.bias
         model.set_submodule(name, linear)
     vars(model).pop("lora_config", None)
+    return model
+
+
+def fold_lora(model: nn.Module) -> nn.Module:
+    """Make the adapters part of the weights for good (peft's merge_and_unload): every adapted W becomes
+    W + s·B A (computed in fp32 by merge, cast once), and the LoRA layers plain nn.Linear again, so the model
+    has no adapter left and its state dict is the base layout. Returns ``model``."""
+    merge_lora(model)
+    merged = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    remove_lora(model)  # unmerges: the original weight objects are back in plain nn.Linear layers
+    with torch.no_grad():
+        for name, weight in merged.items():
+            model.get_submodule(name).weight.copy_(weight)
     return model
 
 

@@ -230,6 +230,23 @@ def test_remove_lora_restores_the_plain_model():
     add_lora(model, LoRAConfig(rank=2))  # adaptable again
 
 
+def test_fold_lora_leaves_a_plain_model_with_w_plus_s_b_a():
+    model, x = add_lora(toy_model(), LoRAConfig(rank=3, alpha=6, targets=("o", "mlp"))), torch.randn(2, 5, 24)
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.1)
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, lowrank.LoRALayer)}
+    folded = {  # W + s·B A in fp64, from the layers' own tensors
+        name: m.weight.double() + m.scale * m.lora_b.double() @ m.lora_a.double() for name, m in adapted.items()
+    }
+    expected = model.eval()(x)
+    assert lowrank.fold_lora(model) is model
+    assert not any(isinstance(m, lowrank.LoRALayer) for m in model.modules()) and not hasattr(model, "lora_config")
+    assert not any("lora_" in key for key in model.state_dict())
+    for name, weight in folded.items():
+        torch.testing.assert_close(model.get_submodule(name).weight.double(), weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- adapter files
 
 
