@@ -4,6 +4,9 @@ MultiBench layout (what users already have; what the builder writes):
   image/{split}_data.npy   [N, 784]       MNIST after PCA energy removal, pixel scale 0–255
   audio/{split}_data.npy   [N, 112, 112]  log-magnitude spectrograms, scale 0–255
   {split}_labels.npy       [N]            digit 0–9
+The builder also keeps, for encoders that read waveforms through their own front end (Whisper-style),
+  waveform/{split}_data.npy [N, 8000]     the noisy 1 s clips the spectrograms were made from, 8 kHz,
+                                          rounded to float16 (half the disk; ~1e-3 relative error)
 with split ∈ {train, test}; a `val` split is used when its files exist, otherwise it is carved from
 train by a seed (5k of 60k, MultiBench's 55k/5k). Items are scaled by 1/255 as in MultiBench.
 
@@ -54,7 +57,8 @@ STFT_CHUNK = 1024  # pairs per STFT batch: [1024, 129, 112] complex64 ≈ 120 MB
 MULTIBENCH_VAL_FRACTION = 5000 / 60000  # MultiBench carves 5k of its 60k train for validation
 MINI_HELD_OUT_FRACTION = 0.1  # avmnist-mini: 1,000 val + 1,000 test of the 10k images
 SPLITS = ("train", "val", "test")
-BUILD_VERSION = 2  # bump when the builder's output changes, so old caches are not reused
+BUILD_VERSION = 3  # bump when the builder's output changes, so old caches are not reused (3: waveform/)
+AUDIO_INPUTS = ("spectrogram", "waveform")  # what an item's "audio" holds
 
 MINI_TAKES = {"train": range(10, 50), "val": range(5, 10), "test": range(0, 5)}
 FULL_TAKES = {"train": range(5, 50), "test": range(0, 5)}
@@ -248,16 +252,18 @@ class RecordingBank:
         """Names of the recordings whose take index is in ``takes``."""
         return [n for n in self.names if parse_recording(n)[2] in takes]
 
-    def spectrograms(self, paired: np.ndarray, snr_db: float | None, seed: int) -> np.ndarray:
-        """Recording names [N] → noisy spectrograms [N, 112, 112] uint8, STFT_CHUNK pairs at a time."""
+    def noisy(self, paired: np.ndarray, snr_db: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Recording names [N] → (noisy spectrograms [N, 112, 112] uint8, the noisy clips [N, 8000] float16
+        they were made from), STFT_CHUNK pairs at a time."""
         row = {n: i for i, n in enumerate(self.names)}
         generator = torch.Generator().manual_seed(seed)
         idx = torch.tensor([row[n] for n in paired], dtype=torch.long)
-        chunks = [
-            spectrogram(add_noise(self.clips[i], self.power[i], snr_db, generator))
-            for i in tqdm(idx.split(STFT_CHUNK), desc="spectrograms", leave=False, disable=None)
-        ]
-        return torch.cat(chunks).numpy()
+        spectrograms, waveforms = [], []
+        for i in tqdm(idx.split(STFT_CHUNK), desc="spectrograms", leave=False, disable=None):
+            clips = add_noise(self.clips[i], self.power[i], snr_db, generator)
+            spectrograms.append(spectrogram(clips))
+            waveforms.append(clips.half())
+        return torch.cat(spectrograms).numpy(), torch.cat(waveforms).numpy()
 
 
 def _flat(images: np.ndarray) -> torch.Tensor:
@@ -278,12 +284,14 @@ def _build_split(
     seeds: np.random.SeedSequence,
 ) -> None:
     """Pair images ``index`` with recordings of ``takes``, transform, and write the split (MultiBench
-    layout + meta/{split}_recordings.npy, meta/{split}_image_index.npy)."""
+    layout + waveform/{split}_data.npy, meta/{split}_recordings.npy, meta/{split}_image_index.npy)."""
     pair_seed, noise_seed = seeds.generate_state(2)
     paired = pair_recordings(labels[index], bank.pool(takes), np.random.default_rng(pair_seed))
+    spectrograms, waveforms = bank.noisy(paired, snr_db, int(noise_seed))
     arrays = {
         f"image/{split}_data.npy": project_pca(_flat(images[index]), *pca).numpy(),
-        f"audio/{split}_data.npy": bank.spectrograms(paired, snr_db, int(noise_seed)),
+        f"audio/{split}_data.npy": spectrograms,
+        f"waveform/{split}_data.npy": waveforms,
         f"{split}_labels.npy": labels[index].astype(np.int64),
         f"meta/{split}_recordings.npy": paired,
         f"meta/{split}_image_index.npy": index,
@@ -391,10 +399,19 @@ def _load_split_files(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarra
 
 class AVMNIST(Dataset):
     """Rows ``index`` of MultiBench arrays; item i → {"image": [1, 28, 28], "audio": [1, 112, 112],
-    "label": int64 []}, image and audio float32 scaled by 1/255 (MultiBench's normalisation)."""
+    "label": int64 []}, image and audio float32 scaled by 1/255 (MultiBench's normalisation). With
+    ``waveform`` [N, 8000] given, "audio" is instead the 1 s clip [8000] float32 at ``sample_rates["audio"]``."""
 
-    def __init__(self, image: np.ndarray, audio: np.ndarray, labels: np.ndarray, index: np.ndarray):
-        self.image, self.audio, self.labels, self.index = image, audio, labels, index
+    def __init__(
+        self,
+        image: np.ndarray,
+        audio: np.ndarray,
+        labels: np.ndarray,
+        index: np.ndarray,
+        waveform: np.ndarray | None = None,
+    ):
+        self.image, self.audio, self.labels, self.index, self.waveform = image, audio, labels, index, waveform
+        self.sample_rates = {} if waveform is None else {"audio": sources.FSDD_SAMPLE_RATE}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -402,24 +419,46 @@ class AVMNIST(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.index[i]
         image = torch.from_numpy(np.array(self.image[row], dtype=np.float32)) / 255.0
-        audio = torch.from_numpy(np.array(self.audio[row], dtype=np.float32)) / 255.0
+        if self.waveform is None:
+            audio = (torch.from_numpy(np.array(self.audio[row], dtype=np.float32)) / 255.0).view(
+                1, SPEC_SIZE, SPEC_SIZE
+            )
+        else:
+            audio = torch.from_numpy(np.array(self.waveform[row], dtype=np.float32))
         return {
             "image": image.view(1, IMAGE_SIDE, IMAGE_SIDE),
-            "audio": audio.view(1, SPEC_SIZE, SPEC_SIZE),
+            "audio": audio,
             "label": torch.tensor(int(self.labels[row]), dtype=torch.long),
         }
 
 
-def load_multibench(data_dir: str | Path, split: str, seed: int = 0) -> AVMNIST:
+def load_multibench(data_dir: str | Path, split: str, seed: int = 0, audio: str = "spectrogram") -> AVMNIST:
     """Load ``split`` of a MultiBench-layout folder; val comes from val files if present, else from
-    train by ``carve_val(seed)``."""
+    train by ``carve_val(seed)``. ``audio="waveform"``: items carry the 8 kHz clips of waveform/ instead of
+    the spectrograms (folders this builder wrote; MultiBench's own have spectrograms only)."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+    if audio not in AUDIO_INPUTS:
+        raise ConfigError(f"audio must be one of {AUDIO_INPUTS}, got {audio!r}")
     data_dir = Path(data_dir)
     carve = split != "test" and not (data_dir / "val_labels.npy").exists()
-    image, audio, labels = _load_split_files(data_dir, "train" if carve else split)
+    stored = "train" if carve else split
+    image, spectrograms, labels = _load_split_files(data_dir, stored)
+    waveform = None
+    if audio == "waveform":
+        if not (data_dir / "waveform" / f"{stored}_data.npy").is_file():
+            raise ConfigError(
+                f"{data_dir} holds spectrograms only (no waveform/{stored}_data.npy, as in MultiBench's layout), "
+                "but the audio encoder reads waveforms: use --dataset avmnist-mini, or avmnist built from the "
+                "raw sources (no --data-dir), or a spectrogram encoder such as ast_avmnist_tiny"
+            )
+        waveform = _load_array(data_dir / "waveform" / f"{stored}_data.npy", (CLIP_SAMPLES,))
+        if len(waveform) != len(labels):
+            raise CorruptFileError(
+                f"{data_dir}: waveform/{stored}_data.npy has {len(waveform)} rows, not {len(labels)}"
+            )
     index = carve_val(len(labels), seed)[split] if carve else np.arange(len(labels))
-    return AVMNIST(image, audio, labels, index)
+    return AVMNIST(image, spectrograms, labels, index, waveform)
 
 
 def load_provenance(data_dir: str | Path, split: str) -> dict[str, np.ndarray]:
@@ -440,12 +479,14 @@ def load_avmnist(
     seed: int = 0,
     source_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    audio: str = "spectrogram",
 ) -> AVMNIST:
     """``split`` of the MultiBench files in ``data_dir`` if given, else of ``variant`` built (once) by
-    ``build``; ``seed`` drives the build and, for a train file without val, the 55k/5k carve."""
+    ``build``; ``seed`` drives the build and, for a train file without val, the 55k/5k carve; ``audio``:
+    what an item's "audio" holds, "spectrogram" or "waveform" (load_multibench)."""
     if data_dir is None:
         data_dir = build(variant, BuildOptions(audio_snr=parse_snr(audio_snr), seed=seed), source_dir, cache_dir)
-    return load_multibench(data_dir, split, seed)
+    return load_multibench(data_dir, split, seed, audio)
 
 
 def avmnist(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from lowrank_util.errors import ConfigError
 from mmdata import avmnist, get_dataset, sources
 from mmdata.avmnist import BuildOptions, RawSources
 from mmdata.sources import ChecksumError, DownloadError, RemoteFile
@@ -329,6 +330,29 @@ def test_built_split_sizes_shapes_and_dtypes(built):
         assert arrays["image"].shape == (n, 784) and arrays["image"].dtype == np.float32
         assert arrays["audio"].shape == (n, 112, 112) and arrays["audio"].dtype == np.uint8
         assert arrays["labels"].shape == (n,) and arrays["labels"].dtype == np.int64
+
+
+def test_built_waveforms_are_the_clips_of_the_spectrograms(built):
+    waveforms = np.load(built / "waveform" / "val_data.npy")
+    assert waveforms.shape == (6, avmnist.CLIP_SAMPLES) and waveforms.dtype == np.float16
+    remade = avmnist.spectrogram(torch.from_numpy(waveforms.astype(np.float32))).numpy().astype(int)
+    stored = np.load(built / "audio" / "val_data.npy").astype(int)
+    assert np.abs(remade - stored).mean() < 0.5 and np.percentile(np.abs(remade - stored), 99) <= 12  # fp16 rounding
+    item = get_dataset("avmnist-mini", "val", data_dir=built, audio="waveform")[0]
+    assert item["audio"].shape == (avmnist.CLIP_SAMPLES,) and item["audio"].dtype == torch.float32
+    torch.testing.assert_close(item["audio"], torch.from_numpy(waveforms[0].astype(np.float32)))
+
+
+def test_waveforms_of_a_multibench_folder_are_refused_in_one_line(tmp_path):
+    multibench = tmp_path / "mb"
+    for split in ("train", "test"):
+        (multibench / "image").mkdir(parents=True, exist_ok=True)
+        (multibench / "audio").mkdir(exist_ok=True)
+        np.save(multibench / "image" / f"{split}_data.npy", np.zeros((24, 784), np.float32))
+        np.save(multibench / "audio" / f"{split}_data.npy", np.zeros((24, 112, 112), np.uint8))
+        np.save(multibench / f"{split}_labels.npy", np.arange(24) % 10)
+    with pytest.raises(ConfigError, match=r"holds spectrograms only .* but the audio encoder reads waveforms"):
+        avmnist.load_multibench(multibench, "train", audio="waveform")
 
 
 def test_built_pairs_share_their_digit_and_no_recording_crosses_splits(built, raw_root):
