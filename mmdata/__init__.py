@@ -18,6 +18,7 @@ from lowrank_util.errors import UnknownNameError
 DATASETS: dict[str, str] = {
     "avmnist": "mmdata.avmnist:avmnist",
     "avmnist-mini": "mmdata.avmnist:avmnist_mini",
+    "fashion-mnist": "mmdata.fashion:fashion_mnist",
     "synthetic": "mmdata.synthetic:synthetic",
 }
 
