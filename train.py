@@ -68,11 +68,10 @@ from lowrank_train.report import (
     write_cost,
     write_results,
 )
-from lowrank_train.stage1 import stage1_parameters, unimodal_model
+from lowrank_train.stage1 import stage1_tuning, unimodal_model
 from lowrank_util.cli import run_command
 from lowrank_util.files import write_text
 from lowrank_util.memory import PeakMemory
-from models.multimodal import UnimodalClassifier
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -95,13 +94,14 @@ def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, A
     splits, modalities, num_classes = load_splits(config)
     print(f"{config.dataset}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; modalities {modalities}")
 
-    # stage 1: one unimodal model per modality, cached
+    # stage 1: one unimodal model per modality (a given pretrained encoder tuned as the method's paper does), cached
+    method = METHODS[config.method](config)
     unimodal, records = {}, {}
     for modality in modalities:
-        unimodal[modality], records[modality] = unimodal_model(config, modality, splits, num_classes, device)
-    method = METHODS[config.method](config)
+        tuning = stage1_tuning(config, modality, method.stage1_tuning)
+        unimodal[modality], records[modality] = unimodal_model(config, modality, splits, num_classes, device, tuning)
     if not method.multimodal:
-        return report_unimodal(unimodal, records, config, run_dir, started)
+        return report_unimodal(records, config, run_dir, started)
 
     # stage 2: the method's model on copies of the stage-1 encoders, trained stage by stage, then tested
     with PeakMemory(device) as memory:
@@ -127,18 +127,14 @@ def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, A
     return results
 
 
-def report_unimodal(
-    unimodal: dict[str, UnimodalClassifier],
-    records: dict[str, dict],
-    config: TrainConfig,
-    run_dir: Path,
-    started: float,
-) -> dict[str, Any]:
+def report_unimodal(records: dict[str, dict], config: TrainConfig, run_dir: Path, started: float) -> dict[str, Any]:
     """--method unimodal: results.json / results.md / cost.json of the stage-1 models (cached or just trained)."""
     results = dict(
         method="unimodal",
         unimodal={m: record["test_accuracy"] for m, record in records.items()},
-        unimodal_parameters={m: stage1_parameters(model, records[m]["pretrained"]) for m, model in unimodal.items()},
+        unimodal_parameters={
+            m: record.get("trainable_parameters") for m, record in records.items()
+        },  # None: older cache
     )
     table = unimodal_table([results], f"# unimodal on {config.dataset} (seed {config.seed})")
     write_results(run_dir, results, table)

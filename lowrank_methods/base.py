@@ -42,6 +42,7 @@ class Method(Objective):
     title: ClassVar[str] = ""  # as the tables name it
     multimodal: ClassVar[bool] = True  # False: the stage-1 models are the result; nothing trains in stage 2
     tuning: ClassVar[str] = "lora"  # one of TUNINGS
+    stage1_tuning: ClassVar[str] = "head"  # --unimodal-tuning auto on a given pretrained encoder
     fills: ClassVar[tuple[str, ...]] = ("zero-input", "zero-feature")  # tested with these (+ the unimodal
     # fallback); the first is used for validation; "mask-token" among them: the Mask Tokens train
     model: nn.Module

@@ -30,6 +30,7 @@ def names(text: str) -> tuple[str, ...]:
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision → autocast dtype
+STAGE1_TUNINGS = ("auto", "head", "lora", "full")  # --unimodal-tuning
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class TrainConfig:
     audio_encoder: str | None = option(None, "pretrained audio encoder, HF layout; default: train one")
     unimodal_epochs: int = option(12, "epochs of each unimodal model (stage 1)")
     unimodal_lr: float = option(1e-3, "peak learning rate of stage 1")
+    unimodal_tuning: str = option(
+        "auto",
+        "stage 1 of a given --{modality}-encoder: head (linear probe), lora (adapters, then folded into the "
+        "weights), full (fine-tune); auto: the method's paper (mmlora: full; others: head, i.e. stage 2 "
+        "adapts the pretrained weights). An encoder trained from scratch always trains whole",
+    )
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
     targets: tuple[str, ...] = option(("q", "v"), "adapted projections: q,k,v,o,mlp or all", names)
@@ -57,7 +64,7 @@ class TrainConfig:
     mask_tokens_visible: bool = option(False, "let the present modality's tokens attend to the Mask Token")
     missing_test: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "test missing rates", floats)
     ogm_alpha: float = option(0.8, "ogm-ge: α in the gradient coefficient 1 - tanh(α·ρ)")
-    sam_rho: str = option("image=1e-15,audio=1e-10,text=1e-15", "mie: SAM radius ρ per modality")
+    sam_rho: str = option("image=1e-15,audio=1e-10", "mie: SAM radius ρ per modality (IGM's: text 1e-15 too)")
     sam_mix: float = option(0.3, "mie: weight of the perturbed loss L(θ+ε) (IGM's flat_ratio)")
     igm_tau: float = option(0.4, "mie: temperature τ of the gradient modification T(k)")
     stage_epochs: int = option(2, "mie: epochs of each modality's stage (stages alternate; --epochs in all)")
@@ -91,6 +98,9 @@ class TrainConfig:
             "--ogm-alpha and --igm-tau must be > 0": min(self.ogm_alpha, self.igm_tau) > 0,
             "--sam-mix must be in [0, 1]": 0 <= self.sam_mix <= 1,
             "--stage-epochs must be ≥ 1": self.stage_epochs >= 1,
+            f"--unimodal-tuning must be one of {', '.join(STAGE1_TUNINGS)}, got {self.unimodal_tuning!r}": (
+                self.unimodal_tuning in STAGE1_TUNINGS
+            ),
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:

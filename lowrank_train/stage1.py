@@ -1,7 +1,9 @@
 """Stage 1: each modality's unimodal model (its encoder + a linear head), built once and cached.
 
-A given pretrained encoder (--{modality}-encoder) is frozen and only the head trains (a linear probe);
-otherwise the whole model trains from scratch on the modality. The cache folder's name holds a hash of
+A given pretrained encoder (--{modality}-encoder) is tuned on the modality as the ``tuning`` says:
+"head" (frozen encoder, a linear probe), "lora" (LoRA adapters + head, the adapters folded into the
+weights afterwards, so that stage 2 starts from a plain encoder) or "full" (every parameter). An encoder
+without a checkpoint trains whole, from scratch. The cache folder's name holds a hash of
 everything the model depends on, so every run (method, seed of stage 2 aside) with the same stage 1
 reuses it; it holds the encoder (HF layout), head.safetensors and record.json, and while it trains its
 resume point is FOLDER.state.pt."""
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from lowrank import LoRAConfig, add_lora, fold_lora
 from lowrank_train.checkpoint import seed_everything, trainable_state
 from lowrank_train.config import TrainConfig
 from lowrank_train.distributed import is_main
@@ -35,8 +38,8 @@ def encoder_checkpoint_file(path: str) -> Path:
     return p / "model.safetensors" if p.is_dir() else p
 
 
-def unimodal_cache_key(config: TrainConfig, modality: str) -> str:
-    """Hash of everything a unimodal model depends on: data, architecture, checkpoint, schedule, seed."""
+def unimodal_cache_key(config: TrainConfig, modality: str, tuning: str) -> str:
+    """Hash of everything a unimodal model depends on: data, architecture, checkpoint, tuning, schedule, seed."""
     model, checkpoint = config.model_for(modality)
     facts = dict(
         dataset=config.dataset, data_dir=config.data_dir, modality=modality, model=model,
@@ -46,21 +49,34 @@ def unimodal_cache_key(config: TrainConfig, modality: str) -> str:
     )  # fmt: skip
     if config.precision != "fp32":  # only then, so that fp32 keys stay those of earlier versions
         facts["precision"] = config.precision
+    if tuning != ("full" if checkpoint is None else "head"):  # likewise: the tuning of earlier versions
+        facts["tuning"] = tuning
+    if tuning == "lora":
+        facts |= dict(rank=config.rank, alpha=config.alpha, lora_dropout=config.lora_dropout, targets=config.targets)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage1_parameters(model: UnimodalClassifier, pretrained: str | None) -> int:
-    """Parameters stage 1 trains: the whole model, or only the head of a given pretrained encoder."""
-    return trainable_parameters(model.head) if pretrained else sum(p.numel() for p in model.parameters())
+def stage1_tuning(config: TrainConfig, modality: str, method_default: str) -> str:
+    """How stage 1 trains ``modality``'s encoder: "full" from scratch; for a given checkpoint
+    --unimodal-tuning, where "auto" is ``method_default`` (the method's paper)."""
+    if config.model_for(modality)[1] is None:
+        return "full"
+    return method_default if config.unimodal_tuning == "auto" else config.unimodal_tuning
 
 
 def unimodal_model(
-    config: TrainConfig, modality: str, splits: dict[str, Dataset], num_classes: int, device: torch.device
+    config: TrainConfig,
+    modality: str,
+    splits: dict[str, Dataset],
+    num_classes: int,
+    device: torch.device,
+    tuning: str = "head",
 ) -> tuple[UnimodalClassifier, dict[str, Any]]:
-    """``modality``'s unimodal model and its record (history, accuracies, the encoder's sha256), from the
-    cache or trained now."""
+    """``modality``'s unimodal model and its record (history, accuracies, trainable parameters, the
+    encoder's sha256), from the cache or trained now; ``tuning`` applies to a given pretrained encoder."""
     name, pretrained = config.model_for(modality)
-    folder = Path(config.cache_dir) / f"unimodal-{modality}-{name}-{unimodal_cache_key(config, modality)}"
+    tuning = "full" if pretrained is None else tuning
+    folder = Path(config.cache_dir) / f"unimodal-{modality}-{name}-{unimodal_cache_key(config, modality, tuning)}"
     partial = folder.with_name(folder.name + ".state.pt")
     encoder_class = type(create_model(name))
     if (folder / "record.json").is_file():
@@ -72,10 +88,15 @@ def unimodal_model(
     seed_everything(config.seed)
     encoder = create_model(name) if pretrained is None else encoder_class.from_pretrained(pretrained)
     model = UnimodalClassifier(encoder, num_classes).to(device)
-    if pretrained is not None:
+    if tuning == "head":
         model.encoder.requires_grad_(False)
-    how = "training it from scratch" if pretrained is None else f"linear probe on the frozen {pretrained}"
+    elif tuning == "lora":
+        lora = LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=config.targets)
+        add_lora(model.encoder, lora)
+    how = {"head": "linear probe on the frozen", "lora": "LoRA fine-tuning of", "full": "fine-tuning all of"}
+    how = "training it from scratch" if pretrained is None else f"{how[tuning]} {pretrained}"
     print(f"stage 1 [{modality}]: no cached unimodal model; {how} ({describe_parameters(model)})")
+    trained_parameters = trainable_parameters(model)
     labels = {split: labels_of(data, config) for split, data in splits.items()}
 
     def logits_of(split: str) -> torch.Tensor:
@@ -88,7 +109,10 @@ def unimodal_model(
         splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device,
         checkpoint=partial, describe=f"stage 1 [{modality}]",
     )  # fmt: skip
-    record = dict(modality=modality, model=name, pretrained=pretrained, history=history)
+    if tuning == "lora":
+        fold_lora(model.encoder)  # stage 2 copies a plain encoder: W + s·B A
+    record = dict(modality=modality, model=name, pretrained=pretrained, tuning=tuning, history=history)
+    record["trainable_parameters"] = trained_parameters
     record |= {f"{split}_accuracy": accuracy(logits_of(split), labels[split]) for split in ("val", "test")}
     record["encoder_sha256"] = publish_unimodal(model, record, folder)
     partial.unlink(missing_ok=True)
