@@ -4,6 +4,7 @@ epoch order dealt over the processes, and the per-sample uniforms that randomise
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,21 +12,72 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lowrank_train.config import TrainConfig
 from lowrank_train.distributed import world
-from mmdata import get_dataset
+from lowrank_util.errors import ConfigError
+from mmdata import dataset_takes, get_dataset
 from mmdata.standardize import Standardized, input_statistics
+from models import create_model
+
+SPLITS = ("train", "val", "test")
 
 Batch = dict[str, torch.Tensor]  # modality → (B, ...) inputs, "label" (B,), and in training "draws" (B, 2)
 
 
+FRONT_END_BATCH = 256  # waveforms per call of an encoder's front end
+
+
+def front_end(config: TrainConfig, modality: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """The ``features(waveform (B, N), sample_rate) → inputs`` of ``modality``'s encoder where it has a front
+    end of its own (Whisper: 16 kHz log-mel, with the checkpoint's mel bins); None for encoders that read
+    the data set's inputs as they are."""
+    name, checkpoint = config.model_for(modality)
+    encoder_class = type(create_model(name))
+    if not hasattr(encoder_class, "features"):
+        return None
+    return (create_model(name) if checkpoint is None else encoder_class.from_pretrained(checkpoint)).features
+
+
 def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...], int]:
-    """({split: data set, inputs standardised with the training split's statistics}, modalities, classes)."""
-    splits = {split: get_dataset(config.dataset, split, config.data_dir) for split in ("train", "val", "test")}
-    first = splits["train"][0]
+    """({split: data set}, modalities, classes). A modality whose encoder has a front end (``front_end``)
+    gets the data set's waveforms turned into that encoder's inputs, once per split; the others are
+    standardised with the training split's statistics."""
+    audio_front_end = dataset_takes(config.dataset, "audio") and front_end(config, "audio") is not None
+    options = {"audio": "waveform"} if audio_front_end else {}
+    splits = {split: get_dataset(config.dataset, split, config.data_dir, **options) for split in SPLITS}
+    first, rates = splits["train"][0], getattr(splits["train"], "sample_rates", {})
     modalities = tuple(k for k in first if k != "label")
+    featurized = {m: f for m in modalities if (f := front_end(config, m)) is not None}
+    for modality in featurized.keys() - rates.keys():
+        raise ConfigError(
+            f"the {modality} encoder {config.model_for(modality)[0]} reads waveforms, which data set "
+            f"{config.dataset!r} does not provide; use a data set with waveforms (avmnist-mini) or another encoder"
+        )
     labels = torch.as_tensor([int(splits["train"][i]["label"]) for i in range(len(splits["train"]))])
-    statistics = input_statistics(splits["train"], modalities)
+    statistics = input_statistics(splits["train"], tuple(m for m in modalities if m not in featurized))
     print("input mean, std: " + ", ".join(f"{m} {mean:.4f}, {std:.4f}" for m, (mean, std) in statistics.items()))
-    return {k: Standardized(v, statistics) for k, v in splits.items()}, modalities, int(labels.max()) + 1
+    splits = {k: Standardized(v, statistics) for k, v in splits.items()}
+    for modality, features in featurized.items():
+        splits = {k: Featurized(v, modality, features, rates[modality]) for k, v in splits.items()}
+        print(f"{modality}: the encoder's front end computed its inputs {tuple(splits['train'][0][modality].shape)}")
+    return splits, modalities, int(labels.max()) + 1
+
+
+class Featurized(Dataset):
+    """``data`` with ``modality`` (waveforms (N,) at ``sample_rate``) replaced by ``features`` of them, computed
+    once for the whole split in batches of FRONT_END_BATCH (a front end runs on the CPU, without gradients)."""
+
+    def __init__(
+        self, data: Dataset, modality: str, features: Callable[[torch.Tensor, int], torch.Tensor], sample_rate: int
+    ) -> None:
+        self.data, self.modality = data, modality
+        waveforms = torch.stack([data[i][modality] for i in range(len(data))])  # (N, samples)
+        with torch.no_grad():
+            self.inputs = torch.cat([features(w, sample_rate) for w in waveforms.split(FRONT_END_BATCH)])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return dict(self.data[i]) | {self.modality: self.inputs[i]}
 
 
 def batches(data: Dataset, config: TrainConfig, order: list[int] | None = None) -> DataLoader:

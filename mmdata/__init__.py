@@ -9,6 +9,7 @@ and list it in ``DATASETS`` as ``"module:function"`` (imported on first use, so 
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -21,6 +22,12 @@ DATASETS: dict[str, str] = {
     "fashion-mnist": "mmdata.fashion:fashion_mnist",
     "synthetic": "mmdata.synthetic:synthetic",
 }
+
+
+def dataset_takes(name: str, option: str) -> bool:
+    """True if data set ``name``'s factory takes the keyword ``option`` (e.g. AV-MNIST's audio="waveform")."""
+    module, function = DATASETS[name].split(":")
+    return option in inspect.signature(getattr(importlib.import_module(module), function)).parameters
 
 
 def get_dataset(name: str, split: str, data_dir: str | Path | None = None, **options) -> Dataset:

@@ -489,11 +489,11 @@ def load_avmnist(
     return load_multibench(data_dir, split, seed, audio)
 
 
-def avmnist(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:
+def avmnist(split: str, data_dir: str | Path | None = None, *, audio: str = "spectrogram", **options) -> AVMNIST:
     """AV-MNIST (55k/5k/10k; MultiBench files or built from downloads): ``load_avmnist("avmnist", …)``.
     Without the network, the DownloadError also names the two ways that need none."""
     try:
-        return load_avmnist("avmnist", split, data_dir, **options)
+        return load_avmnist("avmnist", split, data_dir, audio=audio, **options)
     except DownloadError as error:
         raise DownloadError(
             f"{error}; or give a MultiBench AV-MNIST folder as the data folder (train.py --data-dir), or use the "
@@ -501,9 +501,9 @@ def avmnist(split: str, data_dir: str | Path | None = None, **options) -> AVMNIS
         ) from error
 
 
-def avmnist_mini(split: str, data_dir: str | Path | None = None, **options) -> AVMNIST:
+def avmnist_mini(split: str, data_dir: str | Path | None = None, *, audio: str = "spectrogram", **options) -> AVMNIST:
     """avmnist-mini (8k/1k/1k, offline): ``load_avmnist("avmnist-mini", …)``."""
-    return load_avmnist("avmnist-mini", split, data_dir, **options)
+    return load_avmnist("avmnist-mini", split, data_dir, audio=audio, **options)
 
 
 # ----------------------------------------------------------------------------- CLI
