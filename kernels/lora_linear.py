@@ -415,7 +415,9 @@ def apply_lora(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, seed
     elif not isinstance(seed, torch.Tensor):
         seed = torch.tensor([seed], dtype=torch.int64, device=x.device)
     rows = x.numel() // x.shape[-1]
-    backend = select_backend(x.device, problem_of(x.dtype, rows, *weight.shape, lora_a.shape[0], dropout_p))
+    # the dispatch table is measured on CUDA only: elsewhere the rule needs no problem
+    problem = problem_of(x.dtype, rows, *weight.shape, lora_a.shape[0], dropout_p) if x.is_cuda else None
+    backend = select_backend(x.device, problem)
     args = (x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed, slots)
     with torch.autocast(x.device.type, enabled=False):
         if backend == "reference":  # plain differentiable torch ops: autograd derives the backward
