@@ -119,3 +119,16 @@ def test_tune_writes_the_table_the_dispatcher_reads(tmp_path, monkeypatch):
         assert dispatch.measured_backend("Fake GPU", qkv._replace(rank_columns=16, out_features=768)) == "triton"
     finally:
         dispatch.dispatch_table.cache_clear()
+
+
+def test_gpu_script_parses_and_its_correctness_stage_runs(capsys):
+    """bench/gpu.sh is valid bash; its correctness stage (Triton, here interpreted) passes at tiny shapes."""
+    import torch
+
+    from bench import gpu_checks
+
+    subprocess.run(["bash", "-n", "bench/gpu.sh"], cwd=REPO, check=True)
+    shapes = ((5, 7, 6, 3, False), (4, 6, 5, 2, True))
+    assert gpu_checks.correctness(torch.device("cpu"), shapes=shapes, dtypes=(torch.float32,))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and all(line["passed"] and line["stage"] == "correctness" for line in lines)
