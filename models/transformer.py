@@ -273,8 +273,9 @@ class TransformerEncoder(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
-    def class_feature(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T + k, D) → (B, D): mean of the class tokens, through tanh(pooler(·)) if it has one."""
+    def class_feature(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, D) of the real tokens → (B, D): mean of the class tokens, through tanh(pooler(·)) if it
+        has one (the class tokens need no ``attention_mask``; encoders that pool over tokens use it)."""
         feature = hidden[:, : self.num_class_tokens].mean(dim=1)
         return feature if self.pooler is None else torch.tanh(self.pooler(feature))
 
@@ -288,9 +289,10 @@ class TransformerEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x, extra_tokens (B, k, D), attention_mask (B, T) 1 = token, 0 = padding, ``inputs`` for ``embed``
         (BERT: token_type_ids (B, T)) → (hidden states (B, T + k, D), class feature (B, D));
-        extra tokens' outputs are hidden[:, T:]."""
-        hidden = self.forward_features(self.embed(x, **inputs), extra_tokens, attention_mask, isolate_extra_tokens)
-        return hidden, self.class_feature(hidden)
+        extra tokens' outputs are hidden[:, T:]; the class feature reads the T real tokens only."""
+        tokens = self.embed(x, **inputs)
+        hidden = self.forward_features(tokens, extra_tokens, attention_mask, isolate_extra_tokens)
+        return hidden, self.class_feature(hidden[:, : tokens.shape[1]], attention_mask)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False

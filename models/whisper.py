@@ -213,19 +213,6 @@ class Whisper(TransformerEncoder):
         weights = attention_mask.to(hidden.dtype)[..., None]  # (B, T', 1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        extra_tokens: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        isolate_extra_tokens: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, F_mel, T), extra_tokens (B, k, D), attention_mask (B, T') → (hidden (B, T' + k, D), feature (B, D));
-        the feature averages the T' real positions only; extra tokens' outputs are hidden[:, T':]."""
-        tokens = self.embed(x)
-        hidden = self.forward_features(tokens, extra_tokens, attention_mask, isolate_extra_tokens)
-        return hidden, self.class_feature(hidden[:, : tokens.shape[1]], attention_mask)
-
     @classmethod
     def state_from_hf(cls, hf_state: Mapping[str, torch.Tensor], config: EncoderConfig) -> StateDict:
         """See checkpoint_filter_fn."""
