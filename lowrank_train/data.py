@@ -25,28 +25,33 @@ Batch = dict[str, torch.Tensor]  # modality → (B, ...) inputs, "label" (B,), a
 FRONT_END_BATCH = 256  # waveforms per call of an encoder's front end
 
 
-def front_end(config: TrainConfig, modality: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-    """The ``features(waveform (B, N), sample_rate) → inputs`` of ``modality``'s encoder where it has a front
-    end of its own (Whisper: 16 kHz log-mel, with the checkpoint's mel bins); None for encoders that read
-    the data set's inputs as they are."""
+def has_front_end(config: TrainConfig, modality: str) -> bool:
+    """True if ``modality``'s encoder class turns waveforms into its inputs itself (a ``features`` method, as
+    Whisper's 16 kHz log-mel); the others read the data set's inputs as they are."""
+    return hasattr(type(create_model(config.model_for(modality)[0])), "features")
+
+
+def front_end(config: TrainConfig, modality: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The ``features(waveform (B, N), sample_rate) → inputs`` of ``modality``'s encoder (see has_front_end),
+    from its checkpoint where one is given (its mel bins)."""
     name, checkpoint = config.model_for(modality)
-    encoder_class = type(create_model(name))
-    if not hasattr(encoder_class, "features"):
-        return None
-    return (create_model(name) if checkpoint is None else encoder_class.from_pretrained(checkpoint)).features
+    encoder = create_model(name) if checkpoint is None else type(create_model(name)).from_pretrained(checkpoint)
+    return encoder.features
 
 
 def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...], int]:
     """({split: data set}, modalities, classes). A modality whose encoder has a front end (``front_end``)
     gets the data set's waveforms turned into that encoder's inputs, once per split; the others are
     standardised with the training split's statistics."""
-    audio_front_end = dataset_takes(config.dataset, "audio") and front_end(config, "audio") is not None
-    options = {"audio": "waveform"} if audio_front_end else {}
+    waveform_audio = dataset_takes(config.dataset, "audio") and has_front_end(config, "audio")
+    options = {"audio": "waveform"} if waveform_audio else {}
     splits = {split: get_dataset(config.dataset, split, config.data_dir, **options) for split in SPLITS}
     first, rates = splits["train"][0], getattr(splits["train"], "sample_rates", {})
     modalities = tuple(k for k in first if k != "label")
-    featurized = {m: f for m in modalities if (f := front_end(config, m)) is not None}
-    for modality in featurized.keys() - rates.keys():
+    featurized = tuple(m for m in modalities if has_front_end(config, m))
+    without_waveforms = [m for m in featurized if m not in rates]
+    if without_waveforms:
+        modality = without_waveforms[0]
         raise ConfigError(
             f"the {modality} encoder {config.model_for(modality)[0]} reads waveforms, which data set "
             f"{config.dataset!r} does not provide; use a data set with waveforms (avmnist-mini) or another encoder"
@@ -55,7 +60,8 @@ def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...
     statistics = input_statistics(splits["train"], tuple(m for m in modalities if m not in featurized))
     print("input mean, std: " + ", ".join(f"{m} {mean:.4f}, {std:.4f}" for m, (mean, std) in statistics.items()))
     splits = {k: Standardized(v, statistics) for k, v in splits.items()}
-    for modality, features in featurized.items():
+    for modality in featurized:
+        features = front_end(config, modality)
         splits = {k: Featurized(v, modality, features, rates[modality]) for k, v in splits.items()}
         print(f"{modality}: the encoder's front end computed its inputs {tuple(splits['train'][0][modality].shape)}")
     return splits, modalities, int(labels.max()) + 1

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from lowrank import LoRAConfig, add_lora, fold_lora
 from lowrank_train.checkpoint import seed_everything, trainable_state
 from lowrank_train.config import TrainConfig
-from lowrank_train.data import front_end
+from lowrank_train.data import has_front_end
 from lowrank_train.distributed import is_main
 from lowrank_train.evaluate import accuracy, labels_of, predict
 from lowrank_train.loop import LossFunction, fit
@@ -47,7 +47,7 @@ def unimodal_cache_key(config: TrainConfig, modality: str, tuning: str) -> str:
         checkpoint=None if checkpoint is None else sha256(encoder_checkpoint_file(checkpoint)),
         epochs=config.unimodal_epochs, lr=config.unimodal_lr, batch_size=config.batch_size,
         weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed,
-        inputs="standardized" if front_end(config, modality) is None else f"{model} front end",
+        inputs=f"{model} front end" if has_front_end(config, modality) else "standardized",
     )  # fmt: skip
     if config.precision != "fp32":  # only then, so that fp32 keys stay those of earlier versions
         facts["precision"] = config.precision
