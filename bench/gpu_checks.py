@@ -11,6 +11,7 @@ Each runs on ``--device`` (default cuda); correctness also runs on the CPU inter
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -155,31 +156,43 @@ def graphs(device: torch.device) -> bool:
 
 
 def probe(device: torch.device) -> bool:
-    """Compile every config of both GEMMs (bf16 and fp32 operands, with and without dropout): seconds,
-    registers and spills per config, from a real launch of that config at a small shape."""
+    """Compile every config of the three GEMMs (bf16 and fp32 operands, with and without dropout where the
+    kernel takes it): seconds, registers and spills per config, from a real launch of that config at a
+    small shape. The spill pruning is off here, so that every config is seen."""
     ok = True
     for dtype in (torch.bfloat16, torch.float32):
         like = {"device": device, "dtype": dtype}
         p, q, out = torch.randn(256, 256, **like), torch.randn(256, 256, **like), torch.empty(256, 256, **like)
         low, high = torch.randn(256, 48, device=device), torch.randn(48, 256, **like)
         shrunk, high_t = torch.empty(256, 48, device=device), high.t()
+        grad_b = torch.empty(256, 48, **like)
         seed = torch.tensor([1], device=device)
-        cases = {
+        cases = {  # name: (kernel, launch(**dropout), the dropout arguments it takes)
             "fused": (
                 lm._fused_matmul_kernel,
-                lambda kw, t=(p, q, None, low, high, 1.0, out): lm.fused_matmul(*t, **kw),
+                functools.partial(lm.fused_matmul, p, q, None, low, high, 1.0, out, seed=seed),
+                ({"dropout_p": 0.0}, {"dropout_p": 0.1}),
             ),
-            "skinny": (lm._skinny_matmul_kernel, lambda kw, t=(p, high_t, shrunk): lm.skinny_matmul(*t, **kw)),
+            "skinny": (
+                lm._skinny_matmul_kernel,
+                functools.partial(lm.skinny_matmul, p, high_t, shrunk, seed=seed),
+                ({"dropout_p": 0.0}, {"dropout_p": 0.1}),
+            ),
+            "expand_backward": (
+                lm._expand_backward_kernel,
+                functools.partial(lm.expand_backward, p, high_t, low, 1.0, shrunk, grad_b),
+                ({},),
+            ),
         }
-        for name, (kernel, launch) in cases.items():
+        for name, (kernel, launch, dropouts) in cases.items():
             for config in kernel.configs:
-                for dropout_p in (0.0, 0.1):
+                for dropout in dropouts:
                     start = time.perf_counter()
                     kernel.configs, saved = [config], kernel.configs
                     lm._chosen_configs.clear()
                     kernel.cache.clear()
                     try:
-                        launch({"dropout_p": dropout_p, "seed": seed})
+                        launch(**dropout)
                         torch.cuda.synchronize()
                         compiled = _compiled_for(kernel.fn)
                         fields = {"regs": compiled.n_regs, "spills": compiled.n_spills} if compiled else {}
@@ -189,7 +202,7 @@ def probe(device: torch.device) -> bool:
                         kernel.configs = saved
                     ok &= "error" not in fields and fields.get("spills", 0) == 0
                     report(
-                        stage="probe", kernel=name, dtype=str(dtype).removeprefix("torch."), dropout=dropout_p,
+                        stage="probe", kernel=name, dtype=str(dtype).removeprefix("torch."), **dropout,
                         config=str(config), s=round(time.perf_counter() - start, 2), **fields,
                     )  # fmt: skip
     return ok

@@ -14,8 +14,8 @@ seed tensor; D is regenerated from the seed, never stored. The backend the forwa
 is recorded with them, and the backward runs that one (not a fresh choice, which could
 differ outside a ``use_backend`` block or on autograd's worker thread).
 
-Triton path: S, dS, dA, dB are rank-wide "skinny" GEMMs; Y and dX are one GEMM each
-with the rank-r expand in the epilogue (kernels/lowrank_matmul.py). Torch path (CPU):
+Triton path: S and dA are rank-wide "skinny" GEMMs, dS and dB one pass over G that feeds both; Y
+and dX are one GEMM each with the rank-r expand in the epilogue (kernels/lowrank_matmul.py). Torch path (CPU):
 the same algebra in whole-tensor GEMMs, with W + s·B A folded first where that is cheaper
 (``folds_adapters``) and the adapters of q, k, v spread over one B (``spread_b``).
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import Backend, problem_of, select_backend
-from kernels.lowrank_matmul import dropout_mask, fused_matmul, skinny_matmul
+from kernels.lowrank_matmul import dropout_mask, expand_backward, fused_matmul, skinny_matmul
 from kernels.reference import lora_linear_ref, lora_qkv_ref
 
 
@@ -216,28 +216,22 @@ def _backward_torch(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p,
 
 def _backward_triton(grad, x2d, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, slots, needs):
     need_x, need_a, need_b = needs
-    in_features, (width, rank) = x2d.shape[1], (weight.shape[0] // len(slots), lora_b.shape[1])
-    # (segment, slot) of every adapter: one skinny launch computes all their dS_j (or dB_j)
+    in_features = x2d.shape[1]
+    # (segment, slot) of every adapter: one launch computes all their dS_j and dB_j
     pieces = tuple((g, j) for g, j in enumerate(slots) if j >= 0)
-    grad_x = grad_a = grad_b = None
-    if need_x or need_a:
-        grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0], dtype=torch.float32)  # fp32 [M, n·r]
-        # dS_j = scale * G[:, g·w : (g+1)·w] @ B[j·w : (j+1)·w], written to dS[:, j·r : (j+1)·r]
-        steps = (width * grad.stride(1), width * lora_b.stride(0), rank * grad_shrunk.stride(1))
-        skinny_matmul(grad[:, :width], lora_b[:width], grad_shrunk[:, :rank], scale, pieces=pieces, piece_steps=steps)
+    grad_x = grad_a = None
+    grad_shrunk = x2d.new_empty(x2d.shape[0], lora_a.shape[0], dtype=torch.float32) if need_x or need_a else None
+    grad_b = torch.empty_like(lora_b) if need_b else None
+    # dS_j = s · G_g B_j (fp32 [M, n·r]) and dB_j = s · G_gᵀ S_j, in one pass over G
+    expand_backward(grad, lora_b, shrunk, scale, grad_shrunk, grad_b, pieces)
     if need_x:
         grad_x = torch.empty_like(x2d)
         # dX = G @ W + (dS @ A) * D / (1 - p)   (Σ_j dS_j A_j = dS A: one segment)
         fused_matmul(grad, weight, None, grad_shrunk, lora_a, 1.0, grad_x, dropout_p=dropout_p, seed=seed)
     if need_a:
-        # dAᵀ = Xdᵀ @ dS, written through a transposed view of dA [n·r, K]
+        # dAᵀ = Xdᵀ @ dS, written through a transposed view of dA [n·r, K]; the reduction over M is split
         grad_a = torch.empty_like(lora_a)
         skinny_matmul(x2d.t(), grad_shrunk, grad_a.t(), dropout_p=dropout_p, seed=seed, mask_strides=(1, in_features))
-    if need_b:
-        grad_b = torch.empty_like(lora_b)
-        # dB_j = scale * G[:, g·w : (g+1)·w]ᵀ @ S[:, j·r : (j+1)·r], written to dB[j·w : (j+1)·w]
-        steps = (width * grad.stride(1), rank * shrunk.stride(1), width * grad_b.stride(0))
-        skinny_matmul(grad[:, :width].t(), shrunk[:, :rank], grad_b[:width], scale, pieces=pieces, piece_steps=steps)
     return grad_x, grad_a, grad_b
 
 

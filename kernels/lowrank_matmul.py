@@ -1,10 +1,13 @@
-"""The two Triton GEMMs every LoRA op is built from, with their launchers.
+"""The three Triton GEMMs every LoRA op is built from, with their launchers.
 
 * ``skinny_matmul``: out[I, r] = scale · (P ⊙ D / (1 - p))[I, J] · Q[J, r], rank-wide output,
   optional dropout mask D regenerated on the fly from a seed (never stored).
-  Serves S = Xd Aᵀ, dS = s · G B, dA = dSᵀ Xd (computed as dAᵀ = Xdᵀ dS) and dB = s · Gᵀ S.
-  Several equal "pieces" (the q, k, v adapters of dS_j = s · G_g B_j and dB_j = s · G_gᵀ S_j)
-  run in one launch, one grid column per piece.
+  Serves S = Xd Aᵀ and dA = dSᵀ Xd (computed as dAᵀ = Xdᵀ dS). A long reduction (dA's J = M) is
+  split into ranges of J whose fp32 partials are summed afterwards in a fixed order.
+* ``expand_backward``: dS = s · G B [M, r] and dB = s · Gᵀ S [N, r] in one pass over G: each program
+  reads its rows of G once, tile by tile, for both products; dB's reduction over M is split into
+  row ranges (fp32 partials, fixed-order sum). Up to three "pieces" (the q, k, v adapters,
+  dS_j = s · G_g B_j and dB_j = s · G_gᵀ S_j) run in one launch, one grid column per piece.
 * ``fused_matmul``: out[M, N] = P[M, K] · Q[K, N] + b[N] + scale · (L[M, r] · R[r, N]) ⊙ D / (1 - p),
   the base GEMM with the low-rank "expand" added to the same fp32 accumulator in the epilogue:
   one pass over the output instead of three. Serves Y (forward) and dX (backward). The
@@ -13,11 +16,14 @@
 Operands are passed as (possibly strided) 2-D views, so transposes cost nothing. Every
 element offset is computed in int64 (``tile_offsets``): M·K passes 2³¹ at K = 2048 and
 M ≥ 1,048,576 rows. The rank dimension is tiled in chunks of at most ``MAX_RANK_BLOCK``.
+Split reductions are deterministic: no atomics, the split count is a function of the shape and
+the device only (``split_count``), and torch.sum adds the partials in one fixed order.
 Autotuning is keyed on the fixed sizes (N, K, r), the operand dtypes (the autotuner adds
 them), the dot precision, the memory layout, dropout and bias, and on the varying M rounded
 up to a power of two, so a new batch size retunes at most once per octave; ``LOWRANK_AUTOTUNE=0``
-turns the sweep off (one config per dot kind). After the first call for a key, launches skip
-the autotuner and run the jitted kernel with the chosen config (``_launch``).
+turns the sweep off (one config per dot kind). A config whose compiled kernel spills registers
+is never run (``spill_free``). After the first call for a key, launches skip the autotuner and run
+the jitted kernel with the chosen config (``_launch``).
 The dropout mask of element (m, k) of X is ``keep_mask(seed, m · K + k, p)``, with the seed
 read from a one-element device tensor (a CUDA graph replays its drawing, so each replay
 gets a new mask); every kernel that needs it regenerates it from the same (seed, offset),
@@ -26,7 +32,10 @@ so forward and backward agree without an M × K mask in memory.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 import triton
@@ -56,10 +65,21 @@ _FMA_TILES = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
 # Rows per program of the skinny GEMM; its output is only r wide, so tiles are tall.
 _GPU_SKINNY = [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3)]
 _INTERPRETER_SKINNY = (32, 32, 4, 1)
+# Tiles of expand_backward (BLOCK_M, BLOCK_N, warps, stages): a BLOCK_M × BLOCK_N tile of G feeds a
+# BLOCK_M × r accumulator (dS) and a BLOCK_N × r partial (dB), so tiles are smaller than the fused GEMM's.
+_GPU_EXPAND_BACKWARD = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)]
+_INTERPRETER_EXPAND_BACKWARD = (32, 32, 4, 1)
 # Programs along M that share a band of Q tiles in L2 ("grouped ordering").
 GROUP_M = 8
 # Output segments with their own adapter in one fused GEMM: q, k, v of a fused projection.
 MAX_SEGMENTS = 3
+# Split reductions over M (split_count): about this many programs per SM in all, and ranges of at least
+# MIN_SPLIT_ROWS rows, so that the fp32 partials (splits × output) stay small next to the operand read.
+# Not yet tuned on a GPU. Under the interpreter a small target, so that the tests' M of a few hundred
+# rows runs more than one range.
+SPLIT_PROGRAMS_PER_SM = 2
+MIN_SPLIT_ROWS = 128
+_INTERPRETER_SPLIT = (4, 32)  # (programs in all, minimum rows per range)
 
 
 def rank_block(rank: int) -> int:
@@ -114,6 +134,61 @@ def _skinny_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_I": i, "BLOCK_J": j}, num_warps=w, num_stages=s) for i, j, w, s in tiles]
 
 
+def _expand_backward_configs() -> list[triton.Config]:
+    tiles = [_INTERPRETER_EXPAND_BACKWARD] if interpreting() else _swept(_GPU_EXPAND_BACKWARD)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+def spill_free(configs: list[triton.Config], spills: Callable[[triton.Config], int]) -> list[triton.Config]:
+    """The configs whose compiled kernel spills no registers (``spills(config)``: the count); if every one
+    spills, the one that spills least, with a warning. A spilling kernel reads and writes local memory
+    in its inner loop, which no tile size makes up for."""
+    counts = {config: spills(config) for config in configs}
+    kept = [config for config in configs if counts[config] == 0]
+    if kept:
+        return kept
+    least = min(configs, key=counts.__getitem__)
+    warnings.warn(f"every Triton config spills registers; running the least ({counts[least]}): {least}", stacklevel=3)
+    return [least]
+
+
+def spill_pruner(kernel_name: str, prefilter: Callable[..., list[triton.Config]] | None = None):
+    """An autotuner ``early_config_prune`` for the kernel named ``kernel_name`` in this module: ``prefilter``'s
+    configs (all if None), less those that spill (each compiled once, for the arguments at hand; the
+    autotuner's timing runs reuse the compilation). The interpreter compiles nothing and never spills."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        configs = prefilter(configs, named_args, **kwargs) if prefilter else configs
+        if interpreting():
+            return configs
+        jit_fn = globals()[kernel_name].fn
+        args = named_args | kwargs
+
+        def spills(config: triton.Config) -> int:
+            compiled = jit_fn.warmup(**args, **config.all_kwargs(), grid=(1,))
+            compiled._init_handles()  # loads the binary: n_spills is known from here on
+            return compiled.n_spills
+
+        return spill_free(configs, spills)
+
+    return prune
+
+
+@functools.cache
+def _split_target(device: torch.device) -> tuple[int, int]:
+    if interpreting():
+        return _INTERPRETER_SPLIT
+    return SPLIT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count, MIN_SPLIT_ROWS
+
+
+def split_count(rows: int, programs: int, device: torch.device) -> int:
+    """Into how many ranges a reduction over ``rows`` rows is split, when ``programs`` programs run per range:
+    enough for the device's program target, none shorter than the minimum. A function of the shape and the
+    device only, so a given problem always sums its partials the same way (deterministic)."""
+    target, min_rows = _split_target(device)
+    return max(1, min(triton.cdiv(target, programs), rows // min_rows))
+
+
 @triton.jit
 def keep_mask(seed, offsets, p):
     """Dropout keep mask: True with probability 1 - p, a pure function of (seed, offset)."""
@@ -152,39 +227,37 @@ def store_tile(ptr, tile, rows, cols, stride_row, stride_col, row_mask, col_mask
 
 @triton.autotune(
     configs=_skinny_configs(),
-    key=["ROWS_BUCKET", "INNER_BUCKET", "RANK", "PIECES", "LAYOUT", "PRECISION", "HAS_DROPOUT"],
+    key=["ROWS_BUCKET", "INNER_BUCKET", "RANK", "LAYOUT", "PRECISION", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": spill_pruner("_skinny_matmul_kernel")},
 )
 @triton.jit
 def _skinny_matmul_kernel(
     p_ptr, q_ptr, out_ptr, seed_ptr,
-    ROWS, INNER, RANK, ROWS_BUCKET, INNER_BUCKET, PIECES, LAYOUT,
-    stride_pi, stride_pj, stride_qj, stride_qr, stride_oi, stride_or,
+    ROWS, INNER, RANK, ROWS_BUCKET, INNER_BUCKET, LAYOUT,
+    stride_pi, stride_pj, stride_qj, stride_qr, stride_oi, stride_or, split_step_o,
     mask_stride_i, mask_stride_j,
-    piece_step_p, piece_step_q, piece_step_o, SEGMENT_0, SEGMENT_1, SEGMENT_2, SLOT_0, SLOT_1, SLOT_2,
     scale, dropout_p,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):  # fmt: skip
-    """out[i, r] = scale · Σ_j (P[i, j] · D[i, j] / (1 - p)) · Q[j, r]; D's offset is i·msi + j·msj.
+    """out_t[i, r] = scale · Σ_{j in range t} (P[i, j] · D[i, j] / (1 - p)) · Q[j, r]; D's offset is i·msi + j·msj.
 
-    Grid (row blocks, rank chunks, pieces): one program owns BLOCK_I output rows × BLOCK_R rank
-    columns and loops over J. Piece t (g = SEGMENT_t, j = SLOT_t) reads P from element
-    g · piece_step_p on, Q from j · piece_step_q on, and writes out from j · piece_step_o on
-    (pieces run without dropout). Q tiles are cast to P's dtype so that tl.dot sees one dtype
-    (fp32 accumulation).
+    Grid (row blocks, rank chunks, splits): one program owns BLOCK_I output rows × BLOCK_R rank
+    columns of split t and loops over J's range t: the t-th run of ⌈(J / BLOCK_J) / splits⌉ tiles
+    (possibly empty: then it writes zeros). Split t writes out from t · split_step_o on (one split:
+    the output itself). Q tiles are cast to P's dtype so that tl.dot sees one dtype (fp32 accumulation).
     """
-    piece = tl.program_id(2)
-    segment = tl.where(piece == 0, SEGMENT_0, tl.where(piece == 1, SEGMENT_1, SEGMENT_2)).to(tl.int64)
-    slot = tl.where(piece == 0, SLOT_0, tl.where(piece == 1, SLOT_1, SLOT_2)).to(tl.int64)
-    p_ptr += segment * piece_step_p
-    q_ptr += slot * piece_step_q
-    out_ptr += slot * piece_step_o
+    split = tl.program_id(2)
+    out_ptr += split.to(tl.int64) * split_step_o
+    tiles_per_split = tl.cdiv(tl.cdiv(INNER, BLOCK_J), tl.num_programs(2))
+    j_start = split * tiles_per_split * BLOCK_J
+    j_end = tl.minimum(j_start + tiles_per_split * BLOCK_J, INNER)
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_I, BLOCK_R), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    for j0 in range(0, INNER, BLOCK_J):
+    for j0 in range(j_start, j_end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         p = load_tile(p_ptr, offs_i, offs_j, stride_pi, stride_pj, offs_i < ROWS, offs_j < INNER, UPCAST)
         if HAS_DROPOUT:
@@ -198,9 +271,72 @@ def _skinny_matmul_kernel(
 
 
 @triton.autotune(
+    configs=_expand_backward_configs(),
+    key=["M_BUCKET", "WIDTH", "RANK", "PIECES", "LAYOUT", "PRECISION", "NEED_DS", "NEED_DB"],
+    prune_configs_by={"early_config_prune": spill_pruner("_expand_backward_kernel")},
+)
+@triton.jit
+def _expand_backward_kernel(
+    g_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    M, WIDTH, RANK, M_BUCKET, PIECES, LAYOUT,
+    stride_gm, stride_gn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+    stride_dbn, stride_dbr, split_step_db,
+    piece_step_g, piece_step_b, piece_step_s, piece_step_ds, piece_step_db,
+    SEGMENT_0, SEGMENT_1, SEGMENT_2, SLOT_0, SLOT_1, SLOT_2,
+    scale,
+    NEED_DS: tl.constexpr, NEED_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dS[m, r] = scale · Σ_n G[m, n] B[n, r] and dB_t[n, r] = scale · Σ_{m in range t} G[m, n] S[m, r].
+
+    Grid (row ranges, rank chunks, pieces): the program of range t walks its run of
+    ⌈(M / BLOCK_M) / ranges⌉ row blocks; for each block it reads G's BLOCK_M × WIDTH rows once,
+    BLOCK_N columns at a time, and feeds every tile to both dots: dS's BLOCK_M × BLOCK_R accumulator
+    (stored when the block's row is done) and the BLOCK_N × BLOCK_R partial of dB_t, added to
+    what this program stored there for its earlier blocks (no other program touches range t's
+    partial; dB_t starts at zero). Piece p (g = SEGMENT_p, j = SLOT_p) reads G from g · piece_step_g
+    on, B from j · piece_step_b, S from j · piece_step_s, and writes dS from j · piece_step_ds and
+    dB from j · piece_step_db (+ t · split_step_db) on. B and S tiles are cast to G's dtype for the dots.
+    """
+    piece = tl.program_id(2)
+    segment = tl.where(piece == 0, SEGMENT_0, tl.where(piece == 1, SEGMENT_1, SEGMENT_2)).to(tl.int64)
+    slot = tl.where(piece == 0, SLOT_0, tl.where(piece == 1, SLOT_1, SLOT_2)).to(tl.int64)
+    split = tl.program_id(0)
+    g_ptr += segment * piece_step_g
+    b_ptr += slot * piece_step_b
+    s_ptr += slot * piece_step_s
+    ds_ptr += slot * piece_step_ds
+    db_ptr += slot * piece_step_db + split.to(tl.int64) * split_step_db
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    blocks_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(0))
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    for block in range(first_block, last_block):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        if NEED_DB:
+            s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, offs_m < M, offs_r < RANK, UPCAST)
+        if NEED_DS:
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, WIDTH, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, offs_m < M, offs_n < WIDTH, UPCAST)
+            if NEED_DS:
+                b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, offs_n < WIDTH, offs_r < RANK, UPCAST)
+                acc = tl.dot(g, b.to(g.dtype), acc, input_precision=PRECISION)
+            if NEED_DB:
+                partial = load_tile(db_ptr, offs_n, offs_r, stride_dbn, stride_dbr, offs_n < WIDTH, offs_r < RANK, True)
+                partial += scale * tl.dot(tl.trans(g), s.to(g.dtype), input_precision=PRECISION)
+                store_tile(db_ptr, partial, offs_n, offs_r, stride_dbn, stride_dbr, offs_n < WIDTH, offs_r < RANK)
+        if NEED_DS:
+            store_tile(ds_ptr, acc * scale, offs_m, offs_r, stride_dsm, stride_dsr, offs_m < M, offs_r < RANK)
+        if NEED_DB:
+            tl.debug_barrier()  # the next block's loads of the dB partial see every thread's stores
+
+
+@triton.autotune(
     configs=_fused_configs(),
     key=["M_BUCKET", "N", "K", "RANK", "LAYOUT", "PRECISION", "HAS_BIAS", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_fused_configs},
+    prune_configs_by={"early_config_prune": spill_pruner("_fused_matmul_kernel", prune_fused_configs)},
 )
 @triton.jit
 def _fused_matmul_kernel(
@@ -288,6 +424,26 @@ def _launch(kernel: triton.runtime.Autotuner, grid, **args) -> None:
         kernel.fn[grid](**args, **config.all_kwargs())
 
 
+# Rows per program that split_count assumes of the skinny and expand-backward tiles (the autotuner may
+# choose others; the split count must not depend on that choice).
+_NOMINAL_BLOCK = 64
+
+
+def _pieces_args(pieces: tuple[tuple[int, int], ...]) -> dict[str, int]:
+    """SEGMENT_t / SLOT_t kernel arguments of up to MAX_SEGMENTS (segment, slot) pieces, padded."""
+    segments, slots = zip(*pieces, *((0, 0),) * (MAX_SEGMENTS - len(pieces)), strict=True)
+    return {f"SEGMENT_{t}": segments[t] for t in range(MAX_SEGMENTS)} | {
+        f"SLOT_{t}": slots[t] for t in range(MAX_SEGMENTS)
+    }
+
+
+def _summed(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out ← Σ_t partials[t] (fixed order), unless the kernel wrote ``out`` itself (``partials`` is ``out``)."""
+    if partials is not out:
+        out.copy_(partials.sum(0))
+    return out
+
+
 def skinny_matmul(
     p: torch.Tensor,
     q: torch.Tensor,
@@ -296,40 +452,94 @@ def skinny_matmul(
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
     mask_strides: tuple[int, int] = (0, 0),
-    pieces: tuple[tuple[int, int], ...] = ((0, 0),),
-    piece_steps: tuple[int, int, int] = (0, 0, 0),
+    splits: int | None = None,
 ) -> torch.Tensor:
     """out[I, r] ← scale · (P ⊙ D / (1 - p)) Q for P [I, J], Q [J, r]; D at offset i·ms[0] + j·ms[1].
 
-    ``pieces`` (segment g, slot j) each compute that product on P shifted by g · piece_steps[0]
-    elements, Q by j · piece_steps[1] and out by j · piece_steps[2], all in one launch (no dropout
-    with several pieces). ``seed``: one-element int64 tensor on P's device (needed when p > 0).
+    The reduction over J runs in ``splits`` ranges (default: ``split_count``) whose fp32 partials
+    [splits, I, r] are then summed in a fixed order. ``seed``: one-element int64 tensor on P's device
+    (needed when p > 0).
     """
     (rows, inner), rank = p.shape, q.shape[1]
-    if not 1 <= len(pieces) <= MAX_SEGMENTS or (dropout_p > 0 and len(pieces) > 1):
-        raise ValueError(f"skinny_matmul takes 1 to {MAX_SEGMENTS} pieces, and one with dropout; got {len(pieces)}")
     if rows == 0:
         return out
     if inner == 0:
         return out.zero_()
-    segments, slots = zip(*pieces, *((0, 0),) * (MAX_SEGMENTS - len(pieces)), strict=True)
     block_r = rank_block(rank)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_I"]), triton.cdiv(rank, block_r), len(pieces))  # noqa: E731
+    if splits is None:
+        splits = split_count(inner, triton.cdiv(rows, _NOMINAL_BLOCK) * triton.cdiv(rank, block_r), p.device)
+    target = out if splits == 1 else torch.empty(splits, rows, rank, device=p.device, dtype=torch.float32)
+    tile = out if splits == 1 else target[0]
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_I"]), triton.cdiv(rank, block_r), splits)  # noqa: E731
     _launch(
         _skinny_matmul_kernel, grid,
-        p_ptr=p, q_ptr=q, out_ptr=out, seed_ptr=seed if seed is not None else out,
+        p_ptr=p, q_ptr=q, out_ptr=target, seed_ptr=seed if seed is not None else out,
         ROWS=rows, INNER=inner, RANK=rank, ROWS_BUCKET=triton.next_power_of_2(rows),
-        INNER_BUCKET=triton.next_power_of_2(inner), PIECES=len(pieces), LAYOUT=layout(p, q, out),
+        INNER_BUCKET=triton.next_power_of_2(inner), LAYOUT=layout(p, q, tile),
         stride_pi=p.stride(0), stride_pj=p.stride(1), stride_qj=q.stride(0), stride_qr=q.stride(1),
-        stride_oi=out.stride(0), stride_or=out.stride(1),
+        stride_oi=tile.stride(0), stride_or=tile.stride(1), split_step_o=0 if splits == 1 else target.stride(0),
         mask_stride_i=mask_strides[0], mask_stride_j=mask_strides[1],
-        piece_step_p=piece_steps[0], piece_step_q=piece_steps[1], piece_step_o=piece_steps[2],
-        SEGMENT_0=segments[0], SEGMENT_1=segments[1], SEGMENT_2=segments[2],
-        SLOT_0=slots[0], SLOT_1=slots[1], SLOT_2=slots[2],
         scale=scale, dropout_p=dropout_p,
         HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(), PRECISION=dot_precision(), BLOCK_R=block_r,
     )  # fmt: skip
-    return out
+    return _summed(target, out)
+
+
+def expand_backward(
+    grad: torch.Tensor,
+    lora_b: torch.Tensor,
+    shrunk: torch.Tensor | None,
+    scale: float,
+    grad_shrunk: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    pieces: tuple[tuple[int, int], ...] = ((0, 0),),
+    splits: int | None = None,
+) -> None:
+    """grad_shrunk ← dS and grad_b ← dB (either may be None: not computed), reading G once for both.
+
+    G [M, n_g·w] (n_g output segments of width w), B [n·w, r], S [M, n·r]; piece (g, j) of ``pieces``
+    (at most MAX_SEGMENTS) gives dS_j = s · G_g B_j → grad_shrunk[:, j·r : (j+1)·r] and
+    dB_j = s · G_gᵀ S_j → grad_b[j·w : (j+1)·w], where G_g = G[:, g·w : (g+1)·w]. dB's reduction over
+    M runs in ``splits`` row ranges (default: ``split_count``) whose fp32 partials are summed in a fixed
+    order; dS alone runs one range per row block.
+    """
+    if not 1 <= len(pieces) <= MAX_SEGMENTS:
+        raise ValueError(f"expand_backward takes 1 to {MAX_SEGMENTS} pieces, got {len(pieces)}")
+    need_ds, need_db = grad_shrunk is not None, grad_b is not None
+    (rows, _), (adapted_width, rank) = grad.shape, lora_b.shape
+    width = adapted_width // len(pieces)
+    if need_db and rows == 0:
+        grad_b.zero_()
+    if rows == 0 or not (need_ds or need_db):
+        return
+    block_r = rank_block(rank)
+    if splits is None:
+        splits = split_count(rows, triton.cdiv(rank, block_r) * len(pieces), grad.device) if need_db else None
+    if need_db:  # fp32 partials [splits, n·w, r] from zero; a single fp32 range accumulates in dB itself
+        direct = splits == 1 and grad_b.dtype == torch.float32 and grad_b.is_contiguous()
+        partials = grad_b.zero_() if direct else grad_b.new_zeros(splits, *grad_b.shape, dtype=torch.float32)
+        db = partials if direct else partials[0]
+    ds, db, s = (grad_shrunk if need_ds else grad), (db if need_db else grad), (shrunk if need_db else grad)
+
+    def grid(meta):  # dB: the fixed ranges; dS alone: one range per row block
+        return (splits if need_db else triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r), len(pieces))
+
+    _launch(
+        _expand_backward_kernel, grid,
+        g_ptr=grad, b_ptr=lora_b, s_ptr=s, ds_ptr=ds, db_ptr=db,  # unused outputs: any pointer
+        M=rows, WIDTH=width, RANK=rank, M_BUCKET=triton.next_power_of_2(rows), PIECES=len(pieces),
+        LAYOUT=layout(grad, lora_b, s, ds, db),
+        stride_gm=grad.stride(0), stride_gn=grad.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+        stride_sm=s.stride(0), stride_sr=s.stride(1), stride_dsm=ds.stride(0), stride_dsr=ds.stride(1),
+        stride_dbn=db.stride(0), stride_dbr=db.stride(1),
+        split_step_db=partials.stride(0) if need_db and not direct else 0,
+        piece_step_g=width * grad.stride(1), piece_step_b=width * lora_b.stride(0), piece_step_s=rank * s.stride(1),
+        piece_step_ds=rank * ds.stride(1), piece_step_db=width * db.stride(0),
+        **_pieces_args(pieces), scale=scale,
+        NEED_DS=need_ds, NEED_DB=need_db, UPCAST=interpreting(), PRECISION=dot_precision(), BLOCK_R=block_r,
+    )  # fmt: skip
+    if need_db:
+        _summed(partials, grad_b)
 
 
 def fused_matmul(
