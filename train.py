@@ -109,7 +109,8 @@ def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, A
         print(f"{method.title}: {describe_parameters(model)}")
         validation_accuracy = validation(model, method.fills[0], splits["val"], config, device)
         stages = method.stages(splits["train"])
-        history = run_stages(model, method, stages, validation_accuracy, splits["train"], config, device, run_dir)
+        train_data = method.training_data(splits["train"])
+        history = run_stages(model, method, stages, validation_accuracy, train_data, config, device, run_dir)
         encoder_sha256 = {m: record["encoder_sha256"] for m, record in records.items()}
         save_trained(model, run_dir / "adapter.safetensors", config, encoder_sha256)
         results = test_multimodal(model, unimodal, splits["test"], config, device, method.fills)

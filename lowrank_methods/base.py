@@ -62,6 +62,11 @@ class Method(Objective):
     def loss(self, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.model({m: batch[m] for m in self.model.modalities}).logits, batch["label"])
 
+    def training_data(self, train: Dataset) -> Dataset:
+        """What the loop trains on, made from the ``train`` split (by default the split itself); ``loss``
+        receives its batches."""
+        return train
+
     def stages(self, train: Dataset) -> list[Stage]:
         """The training, as the loop runs it (on the ``train`` split): one fit over --epochs."""
         return [Stage(self.title, self.config.epochs)]

@@ -1,13 +1,19 @@
 """The baselines every method is compared with, on the same stage-1 encoders, data and schedule:
 
 unimodal      each stage-1 model alone (nothing trains in stage 2)
-linear-probe  frozen encoders; a linear fusion head on concat_m(h_m) trains
+linear-probe  frozen encoders; a linear fusion head on concat_m(h_m) trains (the encoders run once)
 late-fusion   every encoder parameter and the fusion head train (full fine-tuning)
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
 from lowrank_methods.base import Method
+from lowrank_train.data import Batch
+from lowrank_train.evaluate import ClassFeatures
 
 
 class Unimodal(Method):
@@ -16,8 +22,18 @@ class Unimodal(Method):
 
 
 class LinearProbe(Method):
+    """The frozen encoders run once per training sample (ClassFeatures); the fusion head trains on
+    concat_m(h_m), which is what the full model computes on complete data."""
+
     title = "linear probe"
     tuning = "frozen"
+
+    def training_data(self, train: Dataset) -> Dataset:
+        return ClassFeatures(self.model.encoders, train, self.config, self.model.head.weight.device)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        features = torch.cat([batch[m] for m in self.model.modalities], dim=1)
+        return F.cross_entropy(self.model.head(features), batch["label"])
 
 
 class LateFusion(Method):

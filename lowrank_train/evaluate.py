@@ -5,10 +5,11 @@ Shapes: N samples, M modalities, C classes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kernels.backend import use_backend
@@ -42,6 +43,34 @@ def predict(
             logits.append(model(to_device(batch, device), rows).float())
         start += size
     return gather_shards(torch.cat(logits), len(data)).cpu()
+
+
+def class_features(
+    encoder: nn.Module, modality: str, data: Dataset, config: TrainConfig, device: torch.device
+) -> torch.Tensor:
+    """(N, D) class features of ``encoder`` (put in eval mode) on ``modality``'s inputs of ``data``, in order."""
+    encoder.eval()
+    with torch.no_grad():
+        return predict(lambda batch, _: encoder(batch[modality])[1], data, config, device)
+
+
+class ClassFeatures(Dataset):
+    """``data``'s labels with each modality m of ``encoders`` replaced by the class feature h_m (D_m,) that the
+    frozen encoder E_m gives its input, computed once for the whole split (eval mode, no gradients,
+    --precision's autocast; kept in fp32). A head trained on them is a head trained on top of frozen
+    encoders, without running the encoders every epoch."""
+
+    def __init__(
+        self, encoders: Mapping[str, nn.Module], data: Dataset, config: TrainConfig, device: torch.device
+    ) -> None:
+        self.features = {m: class_features(encoder, m, data, config, device) for m, encoder in encoders.items()}
+        self.labels = labels_of(data, config)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {modality: features[i] for modality, features in self.features.items()} | {"label": self.labels[i]}
 
 
 def fused(model: torch.nn.Module, fill: str) -> Logits:

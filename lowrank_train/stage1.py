@@ -1,7 +1,8 @@
 """Stage 1: each modality's unimodal model (its encoder + a linear head), built once and cached.
 
 A given pretrained encoder (--{modality}-encoder) is tuned on the modality as the ``tuning`` says:
-"head" (frozen encoder, a linear probe), "lora" (LoRA adapters + head, the adapters folded into the
+"head" (frozen encoder, a linear probe: the encoder runs once per split, and the head trains on its
+class features), "lora" (LoRA adapters + head, the adapters folded into the
 weights afterwards, so that stage 2 starts from a plain encoder) or "full" (every parameter). An encoder
 without a checkpoint trains whole, from scratch. The cache folder's name holds a hash of
 everything the model depends on, so every run (method, seed of stage 2 aside) with the same stage 1
@@ -25,7 +26,7 @@ from lowrank_train.checkpoint import seed_everything, trainable_state
 from lowrank_train.config import TrainConfig
 from lowrank_train.data import has_front_end
 from lowrank_train.distributed import is_main
-from lowrank_train.evaluate import accuracy, labels_of, predict
+from lowrank_train.evaluate import ClassFeatures, accuracy, labels_of, predict
 from lowrank_train.loop import LossFunction, fit
 from lowrank_train.report import describe_parameters, trainable_parameters
 from lowrank_util.files import read_json, read_safetensors, sha256, staged
@@ -100,13 +101,19 @@ def unimodal_model(
     print(f"stage 1 [{modality}]: no cached unimodal model; {how} ({describe_parameters(model)})")
     trained_parameters = trainable_parameters(model)
     labels = {split: labels_of(data, config) for split, data in splits.items()}
+    if tuning == "head":  # nothing in the encoder trains: its class features, once per split, feed the head
+        encoders = {modality: model.encoder}
+        splits = {split: ClassFeatures(encoders, data, config, device) for split, data in splits.items()}
+        classify = model.head
+    else:
+        classify = model
 
     def logits_of(split: str) -> torch.Tensor:
-        return predict(lambda batch, _: model(batch[modality]), splits[split], config, device)
+        return predict(lambda batch, _: classify(batch[modality]), splits[split], config, device)
 
     history = fit(
         model,
-        LossFunction(config, lambda batch: F.cross_entropy(model(batch[modality]), batch["label"])),
+        LossFunction(config, lambda batch: F.cross_entropy(classify(batch[modality]), batch["label"])),
         lambda: accuracy(logits_of("val"), labels["val"]),
         splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device,
         checkpoint=partial, describe=f"stage 1 [{modality}]",

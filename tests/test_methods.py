@@ -53,7 +53,8 @@ def trained(method_name: str, splits, tmp_path, *extra: str) -> tuple[Method, di
     model = method.build(unimodal_models(), 10, CPU)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     rising = itertools.count().__next__
-    run_stages(model, method, method.stages(splits["train"]), rising, splits["train"], method.config, CPU, tmp_path)
+    data = method.training_data(splits["train"])  # as train.py runs it
+    run_stages(model, method, method.stages(splits["train"]), rising, data, method.config, CPU, tmp_path)
     return method, before, dict(model.named_parameters())
 
 
@@ -76,6 +77,19 @@ def test_a_method_changes_exactly_its_parameters(method_name, splits, tmp_path):
     _, before, after = trained(method_name, splits, tmp_path, *(["--epochs", "2"] if method_name == "mie" else []))
     expected = {name for name in before if EXPECTED[method_name](name)}
     assert changed(before, after) == expected  # frozen encoder weights, unused Mask Tokens: bit-identical
+
+
+def test_the_linear_probe_trains_on_features_that_the_full_model_computes(splits):
+    """Its encoders run once (ClassFeatures); the loss on those features is the loss of the whole model
+    (encoders with their isolated Mask Tokens appended, then the head) on the inputs."""
+    method = METHODS["linear-probe"](config("linear-probe"))
+    model = method.build(unimodal_models(), 10, CPU)
+    first = next(iter(batches(splits["train"], method.config, order=list(range(64)))))
+    encoded = next(iter(batches(method.training_data(splits["train"]), method.config, order=list(range(64)))))
+    inputs = {m: first[m] for m in model.modalities}
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(inputs).logits, first["label"])
+        assert method.loss(encoded).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_mie_fine_tunes_whole_encoders_with_full(splits, tmp_path):

@@ -81,3 +81,25 @@ def test_pretrained_encoder_is_accepted_by_train_py(tmp_path):
     assert results["merge_check"]["agree"] == results["merge_check"]["total"]
     records = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("unimodal-image-*/record.json")]
     assert {r["pretrained"] for r in records} == {None, str(tmp_path / "encoder")}  # pretraining's, then train.py's
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_frozen_encoder_runs_once_per_split_however_many_epochs(epochs, tmp_path, checkpoint, monkeypatch):
+    """Head-only stage 1 encodes each sample once (train, val, test) and trains the head on the class
+    features; the probe it gives agrees with the encoder + head run on the inputs."""
+    settings = config(tmp_path, checkpoint, "--unimodal-epochs", str(epochs))
+    splits, _, classes = load_splits(settings)
+    encoded = []
+    forward = ViT.forward
+
+    def counting(self, x, *args, **kwargs):
+        encoded.append(len(x))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(ViT, "forward", counting)
+    with use_backend("torch"):
+        model, record = unimodal_model(settings, "image", splits, classes, CPU, "head")
+        assert sum(encoded) == sum(len(data) for data in splits.values())
+        logits = torch.cat([model(batch["image"]) for batch in torch.utils.data.DataLoader(splits["test"], 32)])
+    labels = torch.as_tensor([int(splits["test"][i]["label"]) for i in range(len(splits["test"]))])
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(record["test_accuracy"])
