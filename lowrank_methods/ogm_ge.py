@@ -4,8 +4,11 @@ every trainable tensor of encoder m has its gradient g replaced by
 
     g ← k_m · g + N(0, σ(g)²)     (k_m: ogm_coefficients, α = --ogm-alpha; σ(g): g's own spread)
 
-so the modality that dominates the batch learns slower, and the noise keeps its generalisation. The
-published code modulates the conv kernels of ResNets; here every encoder parameter."""
+so the modality that dominates the batch learns slower, and the noise keeps its generalisation. As
+published, only in the first epochs: epochs 0 … ⌈w · E⌉ − 1 of E, w = --ogm-window (the published code:
+epochs 0–50 of 100, w = 0.5); plain late fusion after them. The published code modulates the conv
+kernels of its ResNets, nearly all of their parameters; here every encoder parameter (on a transformer,
+its conv-only counterpart would be the patch embedding alone)."""
 
 from __future__ import annotations
 
@@ -56,6 +59,10 @@ class OGMGE(Method):
     title = "OGM-GE"
     tuning = "full"
     coefficients: dict[str, float]  # k_m of the current step
+    modulating: bool = True  # inside the window of --ogm-window
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        self.modulating = epoch < math.ceil(self.config.ogm_window * epochs)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         output = self.model({m: batch[m] for m in self.model.modalities})
@@ -66,6 +73,8 @@ class OGMGE(Method):
 
     @torch.no_grad()
     def modify_gradients(self) -> None:
+        if not self.modulating:
+            return
         for m, k in self.coefficients.items():
             for p in self.model.encoders[m].parameters():
                 if p.grad is not None:

@@ -64,6 +64,7 @@ class TrainConfig:
     mask_tokens_visible: bool = option(False, "let the present modality's tokens attend to the Mask Token")
     missing_test: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "test missing rates", floats)
     ogm_alpha: float = option(0.8, "ogm-ge: α in the gradient coefficient 1 - tanh(α·ρ)")
+    ogm_window: float = option(0.5, "ogm-ge: share of the epochs, from the first, with modulated gradients")
     sam_rho: str = option("image=1e-15,audio=1e-10", "mie: SAM radius ρ per modality (IGM's: text 1e-15 too)")
     sam_mix: float = option(0.3, "mie: weight of the perturbed loss L(θ+ε) (IGM's flat_ratio)")
     igm_tau: float = option(0.4, "mie: temperature τ of the gradient modification T(k)")
@@ -97,6 +98,7 @@ class TrainConfig:
             "--save-every and --max-bad-steps must be ≥ 0": min(self.save_every, self.max_bad_steps) >= 0,
             "--ogm-alpha and --igm-tau must be > 0": min(self.ogm_alpha, self.igm_tau) > 0,
             "--sam-mix must be in [0, 1]": 0 <= self.sam_mix <= 1,
+            "--ogm-window must be in [0, 1]": 0 <= self.ogm_window <= 1,
             "--stage-epochs must be ≥ 1": self.stage_epochs >= 1,
             f"--unimodal-tuning must be one of {', '.join(STAGE1_TUNINGS)}, got {self.unimodal_tuning!r}": (
                 self.unimodal_tuning in STAGE1_TUNINGS

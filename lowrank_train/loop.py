@@ -56,6 +56,10 @@ class Objective:
         scale(loss).backward()
         return loss
 
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before epoch ``epoch`` (0-based) of a fit of ``epochs``, also on resuming into it: nothing by
+        default."""
+
     def modify_gradients(self) -> None:
         """Called after backward, before the gradients are averaged over the processes: nothing by default."""
 
@@ -185,6 +189,7 @@ def fit(
     with StopSignals() as stop:
         for epoch in range(progress.epoch, epochs):
             model.train()
+            objective.begin_epoch(epoch, epochs)
             start = time.perf_counter()
             loader = batches(data, config, epoch_order(data, config, epoch, progress.step))
             bar = tqdm(

@@ -154,6 +154,24 @@ def test_ogm_ge_scales_each_encoders_gradients_and_adds_noise_of_their_spread(sp
         assert abs(noise.mean().item()) < 0.1
 
 
+@pytest.mark.parametrize(
+    ("window", "epochs", "modulated"),
+    [(0.5, 3, 2), (0.5, 100, 50), (0.0, 2, 0), (1.0, 2, 2)],  # published: epochs 0–50 of 100
+)
+def test_ogm_ge_modulates_only_in_its_window_of_first_epochs(window, epochs, modulated, splits, tmp_path):
+    method, _, _ = trained("ogm-ge", splits, tmp_path, "--ogm-window", str(window))
+    seen = []
+    for epoch in range(epochs):
+        method.begin_epoch(epoch, epochs)
+        seen.append(method.modulating)
+    assert seen == [True] * modulated + [False] * (epochs - modulated)
+    weight = method.model.encoders["image"].blocks[0].mlp.fc1.weight
+    weight.grad = torch.randn_like(weight)
+    before = weight.grad.clone()
+    method.modify_gradients()  # after the window: plain late fusion
+    assert torch.equal(weight.grad, before) == (epochs > modulated)
+
+
 def test_head_shares_add_up_to_the_fusion_logits():
     encoders = {m: model.encoder for m, model in unimodal_models().items()}
     model = MultimodalClassifier(encoders, 10)
