@@ -10,8 +10,8 @@ and the head on head(E_l(x_l)) from the best weights so far with a fresh optimis
    weight gradient G (out, in) ← G · T(k) (igm_projection) of the modality k of the stage before, from
    its best model over the training set.
 
-Encoders train through LoRA, or whole with --full. The published code also mixes up the inputs (mixup
-α = 1); left out here, as in every other method, so that the data are the same for all."""
+Encoders train through LoRA, or whole with --full. As in the published code, each step trains on mixup
+of the stage's inputs (α = 1: λ ~ U(0, 1); --no-mixup turns it off), see ``mixup_pairs``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ from lowrank_train.loop import Scale, Stage
 from lowrank_util.errors import ConfigError
 from models.multimodal import FusionOutput, UnimodalClassifier
 from models.transformer import TransformerEncoder
+
+
+def mixup_pairs(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup's (λ, partner) of a batch from its step draws (B, 2) (lowrank_train.data.step_draws): λ ~ U(0, 1)
+    = Beta(1, 1), the published α = 1, and a random permutation of the batch; the step trains on
+    x̃ = λ x + (1 − λ) x[partner] with loss λ L(x̃, y) + (1 − λ) L(x̃, y[partner]). Drawn from (seed, epoch,
+    step), so SAM's two passes see one mixed batch and a resumed run mixes as the first did."""
+    return draws[0, 0], draws[:, 1].argsort()
 
 
 class SharedHeadEnsemble(nn.Module):
@@ -138,7 +146,12 @@ class MIE(Method):
         self.projections = self.head_projections(previous, train) if i else {}
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.model.modality_logits(self.stage, batch[self.stage]), batch["label"])
+        inputs, labels = batch[self.stage], batch["label"]
+        if not self.config.mixup:
+            return F.cross_entropy(self.model.modality_logits(self.stage, inputs), labels)
+        lam, partner = mixup_pairs(batch["draws"])
+        logits = self.model.modality_logits(self.stage, lam * inputs + (1 - lam) * inputs[partner])
+        return lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[partner])
 
     def backward(self, batch: Batch, scale: Scale) -> torch.Tensor:
         """SAM's mixed gradient (1 − μ) ∇L(θ) + μ ∇L(θ + ε); the weights are θ again on return."""

@@ -69,6 +69,7 @@ class TrainConfig:
     sam_mix: float = option(0.3, "mie: weight of the perturbed loss L(θ+ε) (IGM's flat_ratio)")
     igm_tau: float = option(0.4, "mie: temperature τ of the gradient modification T(k)")
     stage_epochs: int = option(2, "mie: epochs of each modality's stage (stages alternate; --epochs in all)")
+    mixup: bool = option(True, "mie: train on mixup of the inputs, λ ~ U(0, 1) (the published α = 1)")
     full: bool = option(False, "mie: fine-tune the whole encoders instead of LoRA adapters")
     seed: int = option(0, "seed of initialisation, data order and modality dropout")
     device: str = option("auto", "cpu, cuda, cuda:N; auto picks CUDA when available")

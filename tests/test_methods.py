@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import train
@@ -105,6 +106,24 @@ def test_mie_stages_alternate_and_train_one_encoder_each(splits, tmp_path):
     assert {name.split(".")[1] for name in changed(before, after) if name.startswith("encoders.")} == {"image"}
     rows = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and '"stage": 1' in rows[0]
+
+
+@pytest.mark.parametrize("mixup", [True, False])
+def test_mie_trains_on_mixup_of_the_stage_inputs_as_published(mixup, splits):
+    method = METHODS["mie"](config("mie", "--mixup" if mixup else "--no-mixup"))
+    model = method.build(unimodal_models(), 10, CPU)
+    method.begin_stage(0, splits["train"])
+    batch = next(iter(batches(splits["train"], method.config))) | {"draws": torch.rand(64, 2)}
+    x, y = batch["image"], batch["label"]
+    lam, partner = batch["draws"][0, 0], batch["draws"][:, 1].argsort()
+    with torch.no_grad():
+        if mixup:
+            logits = model.modality_logits("image", lam * x + (1 - lam) * x[partner])
+            loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[partner])
+        else:
+            loss = F.cross_entropy(model.modality_logits("image", x), y)
+        assert method.loss(batch).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert sorted(partner.tolist()) == list(range(64))
 
 
 def test_sam_restores_the_weights_after_its_perturbation(splits):
