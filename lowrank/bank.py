@@ -1,0 +1,179 @@
+"""Many LoRA adapters over one frozen model, chosen per sample within one batch.
+
+A bank layer stands where add_lora would put a LoRALinear or LoRAQKVLinear, and holds n adapters trained
+on the same base. With P adapted projections of width w (P = 1, w = N for a plain linear; the adapted
+ones of q, k, v for a fused qkv) and r the largest rank of the n (smaller ranks are zero-padded):
+
+    lora_a [n, P·r, K]   rows p·r … p·r + r_i − 1 of adapter i are its A_p; the rest of each block is 0
+    lora_b [n, P·w, r]   rows p·w … of adapter i are its B_p; columns r_i … r − 1 are 0
+    Y[m] = X[m] Wᵀ + b + s_i · Σ_p (X[m] A_{i,p}ᵀ) B_{i,p}ᵀ on projection p's columns,  i = id of row m
+
+and id −1 means the base layer alone. The padding is exact and stays so in training: a zero row of A
+meets a zero column of B, so both get zero gradients (and zero AdamW updates). What it costs: every
+adapter computes r-wide products, so a bank of ranks {4, 16} pays rank 16 for both.
+
+The ids come from ``selected_adapters(ids)``, one per sample of every batch that reaches a bank layer
+inside the block (each sample's rows — its tokens — take its id), so no encoder's forward needs a new
+argument; the selection is reset when the block ends, also on an error. A batch whose rows all use one
+adapter runs that adapter's fused op (kernels/lora_linear.py), exactly as a LoRA layer would; a mixed
+batch runs the base GEMM once and each present adapter's shrink and expand on its own rows (gathered,
+then added back with index_add), differentiable, so several adapters can train in one batch too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.lora_linear import adapter_slices, apply_lora, spread_b
+from kernels.lora_qkv import PROJECTIONS, qkv_slots
+from lowrank.adapter_io import load_adapter, read_adapter_config
+from lowrank.inject import remove_lora
+from lowrank.layer import LoRALayer
+from lowrank.state import lora_layers
+from lowrank_util.errors import MismatchError
+
+_selected: ContextVar[torch.Tensor | None] = ContextVar("lowrank_adapter_ids", default=None)
+
+
+@contextlib.contextmanager
+def selected_adapters(ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
+    """Inside the block, sample b of every batch that reaches a bank layer uses adapter ``ids[b]`` (−1: none)."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise ValueError(f"adapter ids must be a 1-D integer tensor, one per sample; got {ids.dtype} {list(ids.shape)}")
+    token = _selected.set(ids.long())
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+class LoRABank(nn.Module):
+    """n LoRA adapters of one frozen ``nn.Linear`` (a fused qkv one when ``projections`` is given), chosen
+    per sample by ``selected_adapters``. ``adapters``: per adapter (A [P·r_i, K], B [P·w, r_i], scale) in a
+    LoRALinear's / LoRAQKVLinear's layout."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        projections: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not adapters:
+            raise ValueError("a LoRA bank needs at least one adapter")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.weight.requires_grad_(False)
+        self.projections = None if projections is None else tuple(p for p in PROJECTIONS if p in projections)
+        self.slots = (0,) if projections is None else qkv_slots(projections)
+        adapted = 1 if projections is None else len(self.projections)
+        width = self.out_features // len(self.slots)
+        self.ranks = tuple(lora_b.shape[1] for _, lora_b, _ in adapters)
+        self.scales = tuple(float(scale) for _, _, scale in adapters)
+        rank, like = max(self.ranks), {"dtype": self.weight.dtype, "device": self.weight.device}
+        lora_a = torch.zeros(len(adapters), adapted * rank, self.in_features, **like)
+        lora_b = torch.zeros(len(adapters), adapted * width, rank, **like)
+        for i, (a, b, _) in enumerate(adapters):
+            r = b.shape[1]
+            if a.shape != (adapted * r, self.in_features) or b.shape != (adapted * width, r):
+                raise ValueError(
+                    f"adapter {i}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit a layer of "
+                    f"{adapted} adapted projection(s) of width {width} over {self.in_features} inputs"
+                )
+            for p in range(adapted):
+                lora_a[i, p * rank : p * rank + r] = a[p * r : (p + 1) * r]
+            lora_b[i, :, :r] = b
+        self.lora_a, self.lora_b = nn.Parameter(lora_a), nn.Parameter(lora_b)
+
+    @property
+    def adapters(self) -> int:
+        return len(self.ranks)
+
+    def row_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected adapter id of each of x's rows (x [B, ..., K] with one selected id per sample)."""
+        ids = _selected.get()
+        if ids is None:
+            raise RuntimeError("a LoRA bank needs adapter ids: run the model inside lowrank.selected_adapters(ids)")
+        if x.dim() < 2 or x.shape[0] != len(ids):
+            raise ValueError(f"{len(ids)} adapter ids were selected for a batch of shape {tuple(x.shape)}")
+        if len(ids) and not -1 <= int(ids.min()) <= int(ids.max()) < self.adapters:
+            raise ValueError(f"adapter ids must be in -1 … {self.adapters - 1}, got {ids.tolist()}")
+        return ids.to(x.device).repeat_interleave(x.numel() // x.shape[-1] // max(len(ids), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.row_ids(x)
+        present = torch.unique(ids).tolist()
+        if present == [-1]:
+            return F.linear(x, self.weight, self.bias)
+        if len(present) == 1:  # one adapter for the whole batch: the fused op of a LoRA layer
+            i = present[0]
+            args = (self.lora_a[i], self.lora_b[i], self.scales[i], 0.0, False, None, self.slots)
+            return apply_lora(x, self.weight, self.bias, *args)
+        x2d = x.reshape(-1, self.in_features)
+        out = F.linear(x2d, self.weight, self.bias)
+        pieces = adapter_slices(self.slots, self.lora_b.shape[2], self.out_features)
+        for i in (i for i in present if i >= 0):
+            rows = (ids == i).nonzero().squeeze(1)
+            shrunk = x2d[rows] @ self.lora_a[i].t()  # S_i [rows, P·r]
+            expanded = shrunk @ spread_b(self.lora_b[i], pieces, self.out_features).t()  # Σ_p S_{i,p} B_{i,p}ᵀ
+            out.index_add_(0, rows, expanded, alpha=self.scales[i])
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "linear" if self.projections is None else f"projections={self.projections}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, ranks={self.ranks}"
+
+
+def banks(model: nn.Module) -> list[LoRABank]:
+    return [module for module in model.modules() if isinstance(module, LoRABank)]
+
+
+def add_adapter_bank(model: nn.Module, paths: Sequence[str | os.PathLike]) -> nn.Module:
+    """Replace every Linear that the adapters saved at ``paths`` (``save_adapter`` folders) adapt by a LoRABank of
+    them all, adapter i being ``paths[i]``; in place, returns ``model`` (base frozen, the banks trainable).
+
+    The adapters must adapt the same layers (same targets) and train no biases (a bank shares the base's);
+    their dropout is not applied. Each is loaded as load_adapter would, so a file that does not fit the
+    model is refused naming it; on any error the model is left as it was."""
+    if lora_layers(model) or banks(model):
+        raise ValueError(f"{type(model).__name__} already has LoRA layers or banks; a bank is built on the bare base")
+    if not paths:
+        raise ValueError("add_adapter_bank needs at least one adapter folder")
+    configs = [read_adapter_config(path) for path in paths]
+    for path, config in zip(paths, configs, strict=True):
+        if config.targets != configs[0].targets:
+            raise MismatchError(
+                f"{path} adapts {config.targets} but {paths[0]} adapts {configs[0].targets}: "
+                "the adapters of a bank adapt the same layers"
+            )
+        if config.bias != "none":
+            raise MismatchError(f"{path} trains biases (bias={config.bias!r}); a bank shares the base model's biases")
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    projections: dict[str, tuple[str, ...] | None] = {}
+    try:
+        for path in paths:
+            load_adapter(model, path)
+            for name, layer in model.named_modules():
+                if isinstance(layer, LoRALayer):
+                    weights = (layer.lora_a.detach().clone(), layer.lora_b.detach().clone(), layer.scale)
+                    layers.setdefault(name, []).append(weights)
+                    projections[name] = getattr(layer, "projections", None)
+            remove_lora(model)
+    except BaseException:
+        if lora_layers(model):
+            remove_lora(model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable[name])
+        raise
+    for name, adapters in layers.items():
+        model.set_submodule(name, LoRABank(model.get_submodule(name), adapters, projections[name]))
+    return model
