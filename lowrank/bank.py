@@ -26,6 +26,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,11 @@ from torch import nn
 
 from kernels.lora_linear import adapter_slices, apply_lora, spread_b
 from kernels.lora_qkv import PROJECTIONS, qkv_slots
-from lowrank.adapter_io import load_adapter, read_adapter_config
+from lowrank.adapter_io import load_adapter
+from lowrank.config import LoRAConfig
 from lowrank.inject import remove_lora
 from lowrank.layer import LoRALayer
+from lowrank.peft_io import import_peft, is_peft_adapter
 from lowrank.state import lora_layers
 from lowrank_util.errors import MismatchError
 
@@ -137,31 +140,33 @@ def banks(model: nn.Module) -> list[LoRABank]:
 
 
 def add_adapter_bank(model: nn.Module, paths: Sequence[str | os.PathLike]) -> nn.Module:
-    """Replace every Linear that the adapters saved at ``paths`` (``save_adapter`` folders) adapt by a LoRABank of
-    them all, adapter i being ``paths[i]``; in place, returns ``model`` (base frozen, the banks trainable).
+    """Replace every Linear that the adapters saved at ``paths`` adapt by a LoRABank of them all, adapter i being
+    ``paths[i]``: ``save_adapter`` folders or peft LoRA adapters (``import_peft``), mixed as needed; in place,
+    returns ``model`` (base frozen, the banks trainable).
 
     The adapters must adapt the same layers (same targets) and train no biases (a bank shares the base's);
-    their dropout is not applied. Each is loaded as load_adapter would, so a file that does not fit the
-    model is refused naming it; on any error the model is left as it was."""
+    their dropout is not applied. Each is loaded as load_adapter / import_peft would, so a file that does
+    not fit the model is refused naming it; on any error the model is left as it was."""
     if lora_layers(model) or banks(model):
         raise ValueError(f"{type(model).__name__} already has LoRA layers or banks; a bank is built on the bare base")
     if not paths:
         raise ValueError("add_adapter_bank needs at least one adapter folder")
-    configs = [read_adapter_config(path) for path in paths]
-    for path, config in zip(paths, configs, strict=True):
-        if config.targets != configs[0].targets:
-            raise MismatchError(
-                f"{path} adapts {config.targets} but {paths[0]} adapts {configs[0].targets}: "
-                "the adapters of a bank adapt the same layers"
-            )
-        if config.bias != "none":
-            raise MismatchError(f"{path} trains biases (bias={config.bias!r}); a bank shares the base model's biases")
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     projections: dict[str, tuple[str, ...] | None] = {}
+    first: LoRAConfig | None = None
     try:
         for path in paths:
-            load_adapter(model, path)
+            (import_peft if is_peft_adapter(Path(path)) else load_adapter)(model, path)
+            config = model.lora_config
+            first = first or config
+            if config.bias != "none":
+                raise MismatchError(f"{path} trains biases (bias={config.bias!r}); a bank shares the base's biases")
+            if config.targets != first.targets:
+                raise MismatchError(
+                    f"{path} adapts {config.targets} but {paths[0]} adapts {first.targets}: "
+                    "the adapters of a bank adapt the same layers"
+                )
             for name, layer in model.named_modules():
                 if isinstance(layer, LoRALayer):
                     weights = (layer.lora_a.detach().clone(), layer.lora_b.detach().clone(), layer.scale)

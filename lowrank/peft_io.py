@@ -172,6 +172,14 @@ def export_peft(
         tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def is_peft_adapter(path: Path) -> bool:
+    """True if ``path``'s adapter config is peft's (it has a peft_type); lowrank's has a format field."""
+    try:
+        return "peft_type" in read_json(path / CONFIG_FILE)
+    except (OSError, ValueError, TypeError):
+        return False  # missing or corrupt: load_adapter names the problem
+
+
 def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     """LoRAConfig fields but targets (rank, alpha, dropout, rslora) of a peft adapter directory.
 

@@ -18,8 +18,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from lowrank.adapter_io import CONFIG_FILE, load_adapter, save_adapter
-from lowrank.peft_io import export_peft, import_peft
+from lowrank.adapter_io import load_adapter, save_adapter
+from lowrank.peft_io import export_peft, import_peft, is_peft_adapter
 from lowrank.state import merge_lora
 from lowrank_util.cli import ArgumentParser, run_command
 from lowrank_util.files import read_json
@@ -36,14 +36,6 @@ def load_base(checkpoint: Path) -> TransformerEncoder:
             f"{checkpoint}: model_type {model_type!r} is not an encoder of this project; known: {sorted(readers)}"
         )
     return readers[model_type].from_pretrained(checkpoint)
-
-
-def is_peft_adapter(path: Path) -> bool:
-    """True if ``path``'s adapter config is peft's (it has a peft_type); lowrank's has a format field."""
-    try:
-        return "peft_type" in read_json(path / CONFIG_FILE)
-    except (OSError, ValueError, TypeError):
-        return False  # missing or corrupt: load_adapter names the problem
 
 
 def to_peft(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 outputs; adapters peft wrote load into our encoders; the convert CLI; clear errors for what we cannot read.
 Tests that need transformers / peft (the 'ref' extra) skip without them; none touches the network."""
 
+import copy
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ from test_models import PARITY_ATOL, hf_model, max_diff, tiny_encoder
 
 from lowrank import (
     LoRAConfig,
+    add_adapter_bank,
     add_lora,
     export_peft,
     import_peft,
@@ -22,6 +24,7 @@ from lowrank import (
     lora_parameters,
     lora_state_dict,
     save_adapter,
+    selected_adapters,
 )
 from models import Bert
 from models.convert import main as convert
@@ -385,3 +388,32 @@ def test_export_needs_an_adapted_model_without_trained_biases(tmp_path):
     with pytest.raises(ValueError, match=r"bias='all' trains base biases"):
         export_peft(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- banks
+
+
+def test_a_bank_of_peft_adapters_matches_peft_mixed_adapter_batches(transformers, peft, tmp_path):
+    """peft's own mixed batch (``adapter_names=``: each sample's adapter, or "__base__") against a bank built
+    from the same two peft adapters (id −1: the base)."""
+    ours, _, base = random_hf_twin(transformers, "vit")
+    base.save_pretrained(tmp_path / "base")
+    for seed, name in ((2, "a"), (3, "b")):
+        adapter = nudged_peft_model(peft, copy.deepcopy(base), PEFT_TARGETS["vit", "qv"])
+        torch.manual_seed(seed)
+        for parameter_name, parameter in adapter.named_parameters():
+            if "lora_" in parameter_name:
+                parameter.data.normal_(std=0.1)
+        adapter.save_pretrained(tmp_path / name)
+    reference = peft.PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a").eval()
+    reference.load_adapter(tmp_path / "b", adapter_name="b")
+    bank = add_adapter_bank(type(ours).from_pretrained(tmp_path / "base").eval(), [tmp_path / "a", tmp_path / "b"])
+    x = torch.randn(4, 2, 12, 12)
+    with torch.no_grad():
+        expected = reference(x, adapter_names=["a", "b", "__base__", "a"]).last_hidden_state
+        with selected_adapters([0, 1, -1, 0]):
+            hidden, _ = bank(x)
+        with selected_adapters([1, 0, 1, 1]):  # every sample through the other adapter (or one at all)
+            swapped, _ = bank(x)
+    assert max_diff(hidden, expected) <= PARITY_ATOL
+    assert all(max_diff(hidden[i], swapped[i]) > ADAPTER_MOVED for i in range(4))  # the parity can fail
