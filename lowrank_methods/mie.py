@@ -30,7 +30,7 @@ from lowrank_train.checkpoint import seed_everything
 from lowrank_train.data import Batch, batches
 from lowrank_train.loop import Scale, Stage
 from lowrank_util.errors import ConfigError
-from models.multimodal import FusionOutput, UnimodalClassifier
+from models.multimodal import FusionOutput, UnimodalClassifier, width_projection
 from models.transformer import TransformerEncoder
 
 
@@ -43,27 +43,31 @@ def mixup_pairs(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SharedHeadEnsemble(nn.Module):
-    """Encoders of one width D sharing one classifier head, each modality classified on its own:
+    """Encoders sharing one classifier head, each modality classified on its own:
 
-        logits_m = head(h_m)  (B, C);   prediction = log( mean over m of softmax(logits_m) )
+        z_m = P_m(h_m)  (B, D);   logits_m = head(z_m)  (B, C);   prediction = log( mean over m of softmax(logits_m) )
 
-    Missing modality m (``missing`` (B, M) bool): "zero-input" classifies E_m(0), "zero-feature" head(0);
-    either joins the mean like a present modality. Mask Tokens do not apply."""
+    D is the widest encoder's width; P_m is the identity for an encoder of width D and a linear map, trained
+    with modality m, for a narrower one (the published code's encoders share one width). Missing modality m
+    (``missing`` (B, M) bool): "zero-input" classifies E_m(0), "zero-feature" head(0); either joins the
+    mean like a present modality. Mask Tokens do not apply."""
 
     fills = ("zero-input", "zero-feature")
 
     def __init__(self, encoders: Mapping[str, TransformerEncoder], num_classes: int) -> None:
         super().__init__()
+        if len(encoders) < 2:
+            raise ConfigError(f"MIE needs at least two encoders, got {list(encoders)}")
         widths = {m: encoder.config.hidden_size for m, encoder in encoders.items()}
-        if len(encoders) < 2 or len(set(widths.values())) != 1:
-            raise ConfigError(f"MIE's shared head needs at least two encoders of one width, got widths {widths}")
         self.modalities = tuple(encoders)
         self.encoders = nn.ModuleDict(encoders)
-        self.head = nn.Linear(next(iter(widths.values())), num_classes)
+        shared = max(widths.values())
+        self.to_shared = nn.ModuleDict({m: width_projection(width, shared) for m, width in widths.items()})
+        self.head = nn.Linear(shared, num_classes)
 
     def modality_logits(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """head(E_m(x)[class feature]) (B, C): what one modality's training stage optimises."""
-        return self.head(self.encoders[modality](x)[1])
+        """head(P_m(E_m(x)[class feature])) (B, C): what one modality's training stage optimises."""
+        return self.head(self.to_shared[modality](self.encoders[modality](x)[1]))
 
     def forward(
         self, inputs: Mapping[str, torch.Tensor], missing: torch.Tensor | None = None, fill: str = "zero-input"
@@ -79,9 +83,10 @@ class SharedHeadEnsemble(nn.Module):
         for i, m in enumerate(self.modalities):
             keep = present[:, i].view(-1, *[1] * (inputs[m].ndim - 1))
             features[m] = self.encoders[m](inputs[m] * keep)[1]
+            shared = self.to_shared[m](features[m])
             if fill == "zero-feature":
-                features[m] = features[m] * present[:, i, None]
-            probabilities.append(self.head(features[m]).softmax(1))
+                shared = shared * present[:, i, None]
+            probabilities.append(self.head(shared).softmax(1))
         logits = torch.stack(probabilities).mean(0).log()
         return FusionOutput(logits, features, {}, present)
 
@@ -126,10 +131,11 @@ class MIE(Method):
         count = math.ceil(self.config.epochs / each)
         stages = []
         for i in range(count):
-            trained = ("head.", f"encoders.{modalities[i % len(modalities)]}.")  # parameter name prefixes
+            modality = modalities[i % len(modalities)]
+            trained = ("head.", f"encoders.{modality}.", f"to_shared.{modality}.")  # parameter name prefixes
             stages.append(
                 Stage(
-                    name=f"MIE stage {i + 1}/{count} [{modalities[i % len(modalities)]}]",
+                    name=f"MIE stage {i + 1}/{count} [{modality}]",
                     epochs=min(each, self.config.epochs - i * each),
                     number=i + 1,
                     checkpoint=f"state-stage{i + 1}.pt",

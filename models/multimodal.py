@@ -70,8 +70,8 @@ class MultimodalClassifier(nn.Module):
         for token in self.mask_tokens.values():
             nn.init.trunc_normal_(token, std=0.02)
         pairs = [(m, n) for m in encoders for n in encoders if m != n]
-        self.token_in = nn.ModuleDict({f"{m}_to_{n}": _projection(width[m], width[n]) for m, n in pairs})
-        self.token_out = nn.ModuleDict({f"{n}_to_{m}": _projection(width[n], width[m]) for m, n in pairs})
+        self.token_in = nn.ModuleDict({f"{m}_to_{n}": width_projection(width[m], width[n]) for m, n in pairs})
+        self.token_out = nn.ModuleDict({f"{n}_to_{m}": width_projection(width[n], width[m]) for m, n in pairs})
 
     def others(self, modality: str) -> tuple[str, ...]:
         return tuple(m for m in self.modalities if m != modality)
@@ -124,6 +124,6 @@ class MultimodalClassifier(nn.Module):
         return total / weights.sum(1, keepdim=True).clamp(min=1.0)
 
 
-def _projection(source: int, target: int) -> nn.Module:
+def width_projection(source: int, target: int) -> nn.Module:
     """Linear map between encoder widths; identity when they agree."""
     return nn.Identity() if source == target else nn.Linear(source, target)

@@ -108,6 +108,19 @@ def test_mie_stages_alternate_and_train_one_encoder_each(splits, tmp_path):
     assert len(rows) == 1 and '"stage": 1' in rows[0]
 
 
+def test_mie_maps_narrower_encoders_to_the_shared_heads_width_and_trains_the_map_in_their_stage(splits, tmp_path):
+    method = METHODS["mie"](config("mie", "--epochs", "2"))
+    unimodal = unimodal_models()
+    unimodal["image"] = UnimodalClassifier(create_model("vit_avmnist_tiny", hidden_size=32, intermediate_size=64), 10)
+    model = method.build(unimodal, 10, CPU)
+    assert isinstance(model.to_shared["audio"], torch.nn.Identity) and model.head.in_features == 64
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = method.training_data(splits["train"])
+    run_stages(model, method, method.stages(splits["train"]), itertools.count().__next__, data, method.config, CPU,
+               tmp_path)  # fmt: skip
+    assert {"to_shared.image.weight", "to_shared.image.bias"} <= changed(before, dict(model.named_parameters()))
+
+
 @pytest.mark.parametrize("mixup", [True, False])
 def test_mie_trains_on_mixup_of_the_stage_inputs_as_published(mixup, splits):
     method = METHODS["mie"](config("mie", "--mixup" if mixup else "--no-mixup"))
