@@ -73,22 +73,34 @@ class SharedHeadEnsemble(nn.Module):
         self, inputs: Mapping[str, torch.Tensor], missing: torch.Tensor | None = None, fill: str = "zero-input"
     ) -> FusionOutput:
         """inputs: modality → batch (B, ...); missing (B, M) bool, True = absent (None: all present)."""
-        if fill not in self.fills:
-            raise ValueError(f"fill must be one of {self.fills}, got {fill!r}")
         first = inputs[self.modalities[0]]
         present = torch.ones(len(first), len(self.modalities), dtype=torch.bool, device=first.device)
         if missing is not None:
             present = ~missing
-        features, probabilities = {}, []
+        features = {}
         for i, m in enumerate(self.modalities):
             keep = present[:, i].view(-1, *[1] * (inputs[m].ndim - 1))
             features[m] = self.encoders[m](inputs[m] * keep)[1]
+        return FusionOutput(self.fill_logits(features, {}, present, fill), features, {}, present)
+
+    def fill_logits(
+        self,
+        features: Mapping[str, torch.Tensor],
+        generated: Mapping[str, torch.Tensor],
+        present: torch.Tensor,
+        fill: str,
+    ) -> torch.Tensor:
+        """The ensemble's log-probabilities (B, C) on a forward's ``features`` (of the zeroed inputs where a
+        modality is missing) and ``present``, filled in by ``fill`` (``generated``: unused, no Mask Tokens)."""
+        if fill not in self.fills:
+            raise ValueError(f"fill must be one of {self.fills}, got {fill!r}")
+        probabilities = []
+        for i, m in enumerate(self.modalities):
             shared = self.to_shared[m](features[m])
             if fill == "zero-feature":
                 shared = shared * present[:, i, None]
             probabilities.append(self.head(shared).softmax(1))
-        logits = torch.stack(probabilities).mean(0).log()
-        return FusionOutput(logits, features, {}, present)
+        return torch.stack(probabilities).mean(0).log()
 
 
 def igm_projection(second_moment: torch.Tensor, tau: float) -> torch.Tensor:

@@ -78,6 +78,17 @@ def fused(model: torch.nn.Module, fill: str) -> Logits:
     return lambda batch, missing: model({m: batch[m] for m in model.modalities}, missing, fill).logits
 
 
+def every_fill(model: torch.nn.Module, fills: tuple[str, ...]) -> Logits:
+    """The logits of each of ``fills`` side by side (B, F·C), from one forward: the model's ``fill_logits``
+    combines that forward's features with each fill's stand-in."""
+
+    def logits(batch: Batch, missing: torch.Tensor | None) -> torch.Tensor:
+        output = model({m: batch[m] for m in model.modalities}, missing, fills[0])
+        return torch.cat([model.fill_logits(output.features, output.generated, output.present, f) for f in fills], 1)
+
+    return logits
+
+
 def labels_of(data: Dataset, config: TrainConfig) -> torch.Tensor:
     return torch.cat([batch["label"] for batch in batches(data, config)])
 
@@ -115,7 +126,8 @@ def test_multimodal(
     fills: tuple[str, ...],
 ) -> dict[str, Any]:
     """Test accuracies: complete; and per modality × missing rate × fill (``fills`` + FALLBACK), on merged
-    weights (where there is LoRA). The same missing samples are used for every fill."""
+    weights (where there is LoRA). The same missing samples are used for every fill, and one forward per
+    modality and rate serves them all."""
     model.eval()
     labels = labels_of(data, config)
     # The unmerged side of the merge check runs the unfused algebra X Wᵀ + b + s · (X Aᵀ) Bᵀ: the torch
@@ -140,8 +152,8 @@ def test_multimodal(
             missing_results[modality] = {fill: [] for fill in (*fills, FALLBACK)}
             for rate in config.missing_test:
                 missing = missing_mask(len(labels), len(model.modalities), i, rate, seed=config.seed + 1)
-                for fill in fills:
-                    logits = predict(fused(model, fill), data, config, device, missing)
+                every = predict(every_fill(model, fills), data, config, device, missing)
+                for fill, logits in zip(fills, every.chunk(len(fills), dim=1), strict=True):
                     missing_results[modality][fill].append(accuracy(logits, labels))
                 fallback = fallback_probabilities(complete.softmax(1), unimodal_probs, missing, model.modalities)
                 missing_results[modality][FALLBACK].append(accuracy(fallback, labels))

@@ -98,11 +98,24 @@ class MultimodalClassifier(nn.Module):
             for j, m in enumerate(self.others(n)):
                 proposals[m].append(self.token_out[f"{n}_to_{m}"](hidden[:, first + j]))
         generated = {m: self._average_over_present(proposals[m], present, m) for m in self.modalities}
+        return FusionOutput(self.fill_logits(features, generated, present, fill), features, generated, present)
+
+    def fill_logits(
+        self,
+        features: Mapping[str, torch.Tensor],
+        generated: Mapping[str, torch.Tensor],
+        present: torch.Tensor,
+        fill: str,
+    ) -> torch.Tensor:
+        """The head's logits (B, C) on a forward's ``features``, ``generated`` and ``present`` (FusionOutput's),
+        a missing modality's filled in by ``fill``: one forward serves every fill (only the stand-in differs)."""
+        if fill not in MISSING_FILLS:
+            raise ValueError(f"fill must be one of {MISSING_FILLS}, got {fill!r}")
         fused = []
         for i, m in enumerate(self.modalities):
             stand_in = {"mask-token": generated[m], "zero-input": features[m], "zero-feature": 0.0}[fill]
             fused.append(torch.where(present[:, i, None], features[m], stand_in))
-        return FusionOutput(self.head(torch.cat(fused, dim=1)), features, generated, present)
+        return self.head(torch.cat(fused, dim=1))
 
     def _present(self, missing: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         expected = (batch, len(self.modalities))

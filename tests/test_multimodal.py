@@ -64,6 +64,16 @@ def test_each_sample_is_handled_on_its_own(fill):
             torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=1e-5)
 
 
+def test_one_forward_serves_every_fill():
+    """What the evaluation does (lowrank_train.evaluate.every_fill): one forward, each fill's logits from it."""
+    model, inputs = tiny_classifier(audio_width=48), tiny_inputs()
+    with torch.no_grad():
+        output = model(inputs, MIXED, "zero-input")
+        for fill in MISSING_FILLS:
+            recombined = model.fill_logits(output.features, output.generated, output.present, fill)
+            assert torch.equal(recombined, model(inputs, MIXED, fill).logits), fill
+
+
 def test_fills_differ_only_where_a_modality_is_missing():
     model, inputs = tiny_classifier(), tiny_inputs()
     with torch.no_grad():
