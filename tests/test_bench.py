@@ -62,6 +62,19 @@ def test_train_quick_writes_a_csv_and_a_plot(tmp_path):
         assert trainable[model, "frozen"] < trainable[model, "lora"] < trainable[model, "full"]
 
 
+def test_bank_quick_writes_a_csv_with_every_provider_at_every_point(tmp_path):
+    rows, files = run_bench("bank", tmp_path)
+    assert [f.suffix for f in files] == [".csv"]
+    for row in rows:
+        assert_timed(row)
+    providers = {"single", "bank", "loop"} | ({"peft"} if any(r["provider"] == "peft" for r in rows) else set())
+    points = {(r["adapters"], r["run"]) for r in rows}
+    assert points == {(n, run) for n in ("1", "4") for run in ("all", "1")}
+    for point in points:
+        assert {r["provider"] for r in rows if (r["adapters"], r["run"]) == point} == providers
+    assert all(float(r["ratio"]) == pytest.approx(1.0) for r in rows if r["provider"] == "single")
+
+
 def fake_run(folder: Path, seed: int, complete: float, **config_changes) -> Path:
     """A run folder as train.py leaves it (config.json + results.json), with made-up accuracies."""
     folder.mkdir()
