@@ -7,6 +7,7 @@
     python -m bench tune    [--quick] [--dims ...] [--tokens ...] [--ranks ...] [--dtype ...] [--out DIR]
     python -m bench report  bench/results/<file>.csv ...
     python -m bench runs    runs/NAME-s0 runs/NAME-s1 ... [--out FILE.md]
+    python -m bench serve   runs/u2a-r4 runs/u2a-r8 ...   (U2A runs of one stage 1, tested in one pass)
     python -m bench compare --dataset avmnist-mini --methods ... --seeds 0 1 2 [--ranks 1 4 16] ...
 
 kernels/train append rows to ``<out>/<device>-<UTC date>-<suite>.csv``, print the markdown
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench import bank, compare, kernels, report, runs, train, tune
+from bench import bank, compare, kernels, report, runs, serve, train, tune
 from bench.plot import plot_kernels, plot_train
 from bench.results import RESULTS, append_rows, device_name, provenance, results_path
 from lowrank_util.cli import ArgumentParser, run_command
@@ -38,8 +39,8 @@ QUICK_TIMER = {"warmup": 1, "reps": 3}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=["kernels", "train", "bank", "tune", "report", "runs", "compare"])
-    parser.add_argument("paths", nargs="*", type=Path, help="report: CSV files to tabulate; runs: run folders")
+    parser.add_argument("suite", choices=["kernels", "train", "bank", "tune", "report", "runs", "serve", "compare"])
+    parser.add_argument("paths", nargs="*", type=Path, help="report: CSV files to tabulate; runs, serve: run folders")
     parser.add_argument("--quick", action="store_true", help="tiny shapes / small models, few repetitions")
     parser.add_argument(
         "--dims",
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(table, encoding="utf-8")
+        return
+    if args.suite == "serve":
+        print(serve.table(serve.evaluate(args.paths, torch.device(args.device))))
         return
     if args.suite == "report":
         for path in args.paths:

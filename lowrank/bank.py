@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,6 +57,20 @@ def selected_adapters(ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
         yield
     finally:
         _selected.reset(token)
+
+
+def sample_ids(adapters: int, device: torch.device, batch: int | None = None, base: bool = True) -> torch.Tensor:
+    """The selected adapter id of each sample, on ``device``; checked against ``batch`` (when given) and the
+    range −1 … adapters − 1 (0 … when there is no ``base`` to fall back on)."""
+    ids = _selected.get()
+    if ids is None:
+        raise RuntimeError("a bank needs adapter ids: run the model inside lowrank.selected_adapters(ids)")
+    if batch is not None and batch != len(ids):
+        raise ValueError(f"{len(ids)} adapter ids were selected for a batch of {batch} samples")
+    low = -1 if base else 0
+    if len(ids) and not low <= int(ids.min()) <= int(ids.max()) < adapters:
+        raise ValueError(f"adapter ids must be in {low} … {adapters - 1} here, got {ids.tolist()}")
+    return ids.to(device)
 
 
 class LoRABank(nn.Module):
@@ -102,14 +117,10 @@ class LoRABank(nn.Module):
 
     def row_ids(self, x: torch.Tensor) -> torch.Tensor:
         """The selected adapter id of each of x's rows (x [B, ..., K] with one selected id per sample)."""
-        ids = _selected.get()
-        if ids is None:
-            raise RuntimeError("a LoRA bank needs adapter ids: run the model inside lowrank.selected_adapters(ids)")
-        if x.dim() < 2 or x.shape[0] != len(ids):
-            raise ValueError(f"{len(ids)} adapter ids were selected for a batch of shape {tuple(x.shape)}")
-        if len(ids) and not -1 <= int(ids.min()) <= int(ids.max()) < self.adapters:
-            raise ValueError(f"adapter ids must be in -1 … {self.adapters - 1}, got {ids.tolist()}")
-        return ids.to(x.device).repeat_interleave(x.numel() // x.shape[-1] // max(len(ids), 1))
+        if x.dim() < 2:
+            raise ValueError(f"a LoRA bank takes a batch of samples [B, ..., {self.in_features}], got {tuple(x.shape)}")
+        ids = sample_ids(self.adapters, x.device, batch=x.shape[0])
+        return ids.repeat_interleave(x.numel() // x.shape[-1] // max(len(ids), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.row_ids(x)
@@ -135,6 +146,43 @@ class LoRABank(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, ranks={self.ranks}"
 
 
+class LinearBank(nn.Module):
+    """n whole Linear layers of one shape, chosen per sample like LoRABank (the heads and token maps of a bank
+    of U2A models): y[b] = x[b] W_iᵀ + b_i for x [B, ..., K], i = ids[b] ≥ 0 (no base layer to fall back on)."""
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([linear.weight.detach() for linear in linears]))  # [n, N, K]
+        biases = [linear.bias for linear in linears]
+        self.bias = None if biases[0] is None else nn.Parameter(torch.stack([b.detach() for b in biases]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = sample_ids(len(self.weight), x.device, batch=x.shape[0], base=False)
+        out = torch.einsum("b...k,bnk->b...n", x, self.weight[ids])
+        if self.bias is None:
+            return out
+        return out + self.bias[ids].view(len(x), *[1] * (x.dim() - 2), -1)
+
+
+class TokenBank(nn.Module):
+    """Learnable tokens per adapter, chosen per sample (U2A's Mask Tokens in a bank of U2A models): where a
+    model reads ``mask_tokens[m]`` (1, 1, D) of a ParameterDict, ``bank[m]`` is (B, 1, D), each sample's
+    adapter's token (ids ≥ 0)."""
+
+    def __init__(self, tokens: dict[str, Sequence[torch.Tensor]]) -> None:
+        super().__init__()
+        self.tokens = nn.ParameterDict(
+            {m: nn.Parameter(torch.cat([t.detach() for t in ts])) for m, ts in tokens.items()}
+        )
+
+    def __getitem__(self, modality: str) -> torch.Tensor:
+        tokens = self.tokens[modality]  # [n, 1, D]
+        return tokens[sample_ids(len(tokens), tokens.device, base=False)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tokens)
+
+
 def banks(model: nn.Module) -> list[LoRABank]:
     return [module for module in model.modules() if isinstance(module, LoRABank)]
 
@@ -142,36 +190,50 @@ def banks(model: nn.Module) -> list[LoRABank]:
 def add_adapter_bank(model: nn.Module, paths: Sequence[str | os.PathLike]) -> nn.Module:
     """Replace every Linear that the adapters saved at ``paths`` adapt by a LoRABank of them all, adapter i being
     ``paths[i]``: ``save_adapter`` folders or peft LoRA adapters (``import_peft``), mixed as needed; in place,
+    returns ``model`` (base frozen, the banks trainable). See ``bank_adapters`` for what is refused."""
+    loaders = [partial(_load_saved, path=Path(path)) for path in paths]
+    return bank_adapters(model, loaders, [str(path) for path in paths])
+
+
+def _load_saved(model: nn.Module, path: Path) -> None:
+    (import_peft if is_peft_adapter(path) else load_adapter)(model, path)
+
+
+def bank_adapters(
+    model: nn.Module, loaders: Sequence[Callable[[nn.Module], object]], names: Sequence[str]
+) -> nn.Module:
+    """Replace every Linear that the adapters adapt by a LoRABank of them all; ``loaders[i](model)`` adds
+    adapter i's LoRA to the bare ``model`` and loads its weights (``names[i]`` names it in errors). In place;
     returns ``model`` (base frozen, the banks trainable).
 
     The adapters must adapt the same layers (same targets) and train no biases (a bank shares the base's);
-    their dropout is not applied. Each is loaded as load_adapter / import_peft would, so a file that does
-    not fit the model is refused naming it; on any error the model is left as it was."""
+    their dropout is not applied. A loader's own errors (a file that does not fit the model) propagate; on
+    any error the model is left as it was."""
     if lora_layers(model) or banks(model):
         raise ValueError(f"{type(model).__name__} already has LoRA layers or banks; a bank is built on the bare base")
-    if not paths:
-        raise ValueError("add_adapter_bank needs at least one adapter folder")
+    if not loaders:
+        raise ValueError("a bank needs at least one adapter")
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     projections: dict[str, tuple[str, ...] | None] = {}
     first: LoRAConfig | None = None
     try:
-        for path in paths:
-            (import_peft if is_peft_adapter(Path(path)) else load_adapter)(model, path)
+        for load, name in zip(loaders, names, strict=True):
+            load(model)
             config = model.lora_config
             first = first or config
             if config.bias != "none":
-                raise MismatchError(f"{path} trains biases (bias={config.bias!r}); a bank shares the base's biases")
+                raise MismatchError(f"{name} trains biases (bias={config.bias!r}); a bank shares the base's biases")
             if config.targets != first.targets:
                 raise MismatchError(
-                    f"{path} adapts {config.targets} but {paths[0]} adapts {first.targets}: "
+                    f"{name} adapts {config.targets} but {names[0]} adapts {first.targets}: "
                     "the adapters of a bank adapt the same layers"
                 )
-            for name, layer in model.named_modules():
+            for layer_name, layer in model.named_modules():
                 if isinstance(layer, LoRALayer):
                     weights = (layer.lora_a.detach().clone(), layer.lora_b.detach().clone(), layer.scale)
-                    layers.setdefault(name, []).append(weights)
-                    projections[name] = getattr(layer, "projections", None)
+                    layers.setdefault(layer_name, []).append(weights)
+                    projections[layer_name] = getattr(layer, "projections", None)
             remove_lora(model)
     except BaseException:
         if lora_layers(model):
@@ -179,6 +241,6 @@ def add_adapter_bank(model: nn.Module, paths: Sequence[str | os.PathLike]) -> nn
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable[name])
         raise
-    for name, adapters in layers.items():
-        model.set_submodule(name, LoRABank(model.get_submodule(name), adapters, projections[name]))
+    for layer_name, adapters in layers.items():
+        model.set_submodule(layer_name, LoRABank(model.get_submodule(layer_name), adapters, projections[layer_name]))
     return model
