@@ -320,3 +320,30 @@ def test_avmnist_variants_run_and_train(name):
 def test_unknown_model_name_lists_the_known_ones():
     with pytest.raises(KeyError, match="vit_avmnist_tiny"):
         create_model("vit_huge")
+
+
+def test_bf16_attention_on_the_cpu_runs_in_fp32_and_matches_it(monkeypatch):
+    """Under CPU bf16 autocast, attention itself runs in fp32 (the bf16 kernel's backward is 4× slower):
+    the output and input gradient stay within bf16 rounding of the fp32 layer's."""
+    from models import transformer
+    from models.transformer import Attention
+
+    seen = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", recording)
+    torch.manual_seed(0)
+    layer = Attention(32, 4)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert out.dtype == torch.bfloat16 and seen == [(torch.float32, False), (torch.float32, False)]
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(grad, expected_grad, rtol=0.05, atol=0.05)
