@@ -35,11 +35,10 @@ from torch import nn
 
 from kernels.lora_linear import adapter_slices, apply_lora, spread_b
 from kernels.lora_qkv import PROJECTIONS, qkv_slots
-from lowrank.adapter_io import load_adapter
 from lowrank.config import LoRAConfig
 from lowrank.inject import remove_lora
 from lowrank.layer import LoRALayer
-from lowrank.peft_io import import_peft, is_peft_adapter
+from lowrank.peft_io import load_any_adapter
 from lowrank.state import lora_layers
 from lowrank_util.errors import MismatchError
 
@@ -150,11 +149,11 @@ class LinearBank(nn.Module):
     """n whole Linear layers of one shape, chosen per sample like LoRABank (the heads and token maps of a bank
     of U2A models): y[b] = x[b] W_iᵀ + b_i for x [B, ..., K], i = ids[b] ≥ 0 (no base layer to fall back on)."""
 
-    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None) -> None:
+        """``weights``: W_i [N, K] of each layer; ``biases``: b_i [N], or None for layers without one."""
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([linear.weight.detach() for linear in linears]))  # [n, N, K]
-        biases = [linear.bias for linear in linears]
-        self.bias = None if biases[0] is None else nn.Parameter(torch.stack([b.detach() for b in biases]))
+        self.weight = nn.Parameter(torch.stack([w.detach() for w in weights]))  # [n, N, K]
+        self.bias = None if biases is None else nn.Parameter(torch.stack([b.detach() for b in biases]))  # [n, N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = sample_ids(len(self.weight), x.device, batch=x.shape[0], base=False)
@@ -179,9 +178,6 @@ class TokenBank(nn.Module):
         tokens = self.tokens[modality]  # [n, 1, D]
         return tokens[sample_ids(len(tokens), tokens.device, base=False)]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tokens)
-
 
 def banks(model: nn.Module) -> list[LoRABank]:
     return [module for module in model.modules() if isinstance(module, LoRABank)]
@@ -191,12 +187,8 @@ def add_adapter_bank(model: nn.Module, paths: Sequence[str | os.PathLike]) -> nn
     """Replace every Linear that the adapters saved at ``paths`` adapt by a LoRABank of them all, adapter i being
     ``paths[i]``: ``save_adapter`` folders or peft LoRA adapters (``import_peft``), mixed as needed; in place,
     returns ``model`` (base frozen, the banks trainable). See ``bank_adapters`` for what is refused."""
-    loaders = [partial(_load_saved, path=Path(path)) for path in paths]
+    loaders = [partial(load_any_adapter, path=Path(path)) for path in paths]
     return bank_adapters(model, loaders, [str(path) for path in paths])
-
-
-def _load_saved(model: nn.Module, path: Path) -> None:
-    (import_peft if is_peft_adapter(path) else load_adapter)(model, path)
 
 
 def bank_adapters(

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kernels.lora_qkv import PROJECTIONS
-from lowrank.adapter_io import CONFIG_FILE, WEIGHTS_FILE
+from lowrank.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from lowrank.config import LoRAConfig
 from lowrank.inject import TARGET_PATTERNS, provisional_lora
 from lowrank.layer import LoRALayer
@@ -178,6 +178,11 @@ def is_peft_adapter(path: Path) -> bool:
         return "peft_type" in read_json(path / CONFIG_FILE)
     except (OSError, ValueError, TypeError):
         return False  # missing or corrupt: load_adapter names the problem
+
+
+def load_any_adapter(model: nn.Module, path: Path) -> nn.Module:
+    """Load the adapter at ``path`` into ``model``: import_peft for a peft adapter, else load_adapter."""
+    return (import_peft if is_peft_adapter(path) else load_adapter)(model, path)
 
 
 def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:

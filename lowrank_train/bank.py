@@ -58,14 +58,14 @@ def bank_of_runs(
             for run, (tensors, config, _) in zip(runs, trained, strict=True)
         ]
         bank_adapters(encoder, loaders, [str(run) for run in runs])
-    model.head = LinearBank([_linear(tensors, "head") for tensors, _, _ in trained])
+    model.head = _linear_bank([tensors for tensors, _, _ in trained], "head")
     model.mask_tokens = TokenBank(
         {m: [tensors[f"mask_tokens.{m}"] for tensors, _, _ in trained] for m in model.modalities}
     )
     for maps, prefix in ((model.token_in, "token_in"), (model.token_out, "token_out")):
         for key, layer in maps.items():
             if isinstance(layer, nn.Linear):
-                maps[key] = LinearBank([_linear(tensors, f"{prefix}.{key}") for tensors, _, _ in trained])
+                maps[key] = _linear_bank([tensors for tensors, _, _ in trained], f"{prefix}.{key}")
     return model.requires_grad_(False)
 
 
@@ -76,10 +76,7 @@ def _load_lora(encoder: nn.Module, prefix: str, tensors: Mapping[str, torch.Tens
     load_checked(encoder, own, source / TRAINED_FILE, expected=lora_state_dict(encoder))
 
 
-def _linear(tensors: Mapping[str, torch.Tensor], prefix: str) -> nn.Linear:
-    weight, bias = tensors[f"{prefix}.weight"], tensors.get(f"{prefix}.bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias)
-    return linear
+def _linear_bank(runs: Sequence[Mapping[str, torch.Tensor]], prefix: str) -> LinearBank:
+    """The LinearBank of each run's Linear layer ``prefix`` (its ``prefix.weight`` and, if saved, ``prefix.bias``)."""
+    biases = [tensors[f"{prefix}.bias"] for tensors in runs] if f"{prefix}.bias" in runs[0] else None
+    return LinearBank([tensors[f"{prefix}.weight"] for tensors in runs], biases)

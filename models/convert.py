@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lowrank.adapter_io import load_adapter, save_adapter
-from lowrank.peft_io import export_peft, import_peft, is_peft_adapter
+from lowrank.peft_io import export_peft, import_peft, load_any_adapter
 from lowrank.state import merge_lora
 from lowrank_util.cli import ArgumentParser, run_command
 from lowrank_util.files import read_json
@@ -49,7 +49,7 @@ def from_peft(args: argparse.Namespace) -> None:
 
 def merge(args: argparse.Namespace) -> None:
     model = load_base(args.base)
-    (import_peft if is_peft_adapter(args.adapter) else load_adapter)(model, args.adapter)
+    load_any_adapter(model, args.adapter)
     merge_lora(model)
     model.save_pretrained(args.out)
 
