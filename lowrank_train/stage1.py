@@ -100,13 +100,13 @@ def unimodal_model(
     how = "training it from scratch" if pretrained is None else f"{how[tuning]} {pretrained}"
     print(f"stage 1 [{modality}]: no cached unimodal model; {how} ({describe_parameters(model)})")
     trained_parameters = trainable_parameters(model)
-    labels = {split: labels_of(data, config) for split, data in splits.items()}
     if tuning == "head":  # nothing in the encoder trains: its class features, once per split, feed the head
         encoders = {modality: model.encoder}
         splits = {split: ClassFeatures(encoders, data, config, device) for split, data in splits.items()}
         classify = model.head
     else:
         classify = model
+    labels = {split: labels_of(data, config) for split, data in splits.items()}  # of ClassFeatures: no data read
 
     def logits_of(split: str) -> torch.Tensor:
         return predict(lambda batch, _: classify(batch[modality]), splits[split], config, device)
