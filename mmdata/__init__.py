@@ -19,7 +19,11 @@ from lowrank_util.errors import UnknownNameError
 DATASETS: dict[str, str] = {
     "avmnist": "mmdata.avmnist:avmnist",
     "avmnist-mini": "mmdata.avmnist:avmnist_mini",
+    "cremad": "mmdata.importers:cremad",
     "fashion-mnist": "mmdata.fashion:fashion_mnist",
+    "food101": "mmdata.importers:food101",
+    "manifest": "mmdata.manifest:manifest_dataset",
+    "mmimdb": "mmdata.importers:mmimdb",
     "synthetic": "mmdata.synthetic:synthetic",
 }
 
