@@ -51,6 +51,7 @@ class AST(TransformerEncoder):
     """AST encoder; forward(x (B, T_time, F_mel) or (B, 1, T_time, F_mel)) → (hidden, class feature)."""
 
     config_class = ASTConfig
+    raw_input = "spectrogram"  # AV-MNIST's stored spectrograms, already its input
     pre_norm = True
     num_class_tokens = 2
     hf_layout = vit_family_layout(

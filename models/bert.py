@@ -2,12 +2,18 @@
 
 ids (B, T) → LayerNorm(word[ids] + type[token_type_ids] + pos[0..T-1]) (B, T, D) → post-norm blocks
 → class feature tanh(pooler(h_cls)) when the checkpoint has a pooler, else h_cls.
+
+**Padding without a mask.** Given no ``attention_mask``, a config with a ``pad_token_id`` (every HF BERT
+checkpoint: [PAD] = 0) masks the pad ids itself (``Bert.default_attention_mask``). HF ``BertModel`` instead
+attends to pads when it gets no mask; here ids padded to a fixed length (``models.processing.TextTokenizer``)
+carry their mask in the ids, so a data set needs to store nothing else, and a forgotten mask cannot
+silently mix padding into the features.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,11 +22,13 @@ from models.transformer import (
     EncoderConfig,
     HFLayout,
     TransformerEncoder,
+    build_encoder,
     checkpoint_export_fn,
     checkpoint_filter_fn,
+    register_model,
 )
 
-__all__ = ["Bert", "BertConfig", "checkpoint_export_fn", "checkpoint_filter_fn"]
+__all__ = ["Bert", "BertConfig", "bert_minilm_l6", "checkpoint_export_fn", "checkpoint_filter_fn"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +44,7 @@ class BertConfig(EncoderConfig):
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     position_embedding_type: str = "absolute"  # the only kind implemented
+    pad_token_id: int | None = None  # [PAD]'s id (HF checkpoints: 0); None: no default mask (default_attention_mask)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +57,7 @@ class Bert(TransformerEncoder):
     class feature (B, D)): the shared forward, which passes token_type_ids on to ``embed``."""
 
     config_class = BertConfig
+    raw_input = "text"  # a string (models.processing.TextTokenizer)
     pre_norm = False
     hf_layout = HFLayout(
         base_prefix="bert.",
@@ -85,3 +95,25 @@ class Bert(TransformerEncoder):
         types = torch.zeros_like(x) if token_type_ids is None else token_type_ids
         positions = torch.arange(x.shape[1], device=x.device)
         return self.embed_norm(self.word_embed(x) + self.type_embed(types) + self.pos_embed(positions))
+
+    def default_attention_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (B, T) ids → (B, T) bool, False where x = pad_token_id, except position 0; None without a pad_token_id.
+
+        HF BertModel differs: it attends to pads when it gets no mask (see the module docstring). Position 0 stays
+        visible: it is the [CLS] of real text, and for an all-padding row (a zeroed missing text) it keeps one
+        key visible, so that attention stays defined instead of a softmax over no key (NaN).
+        """
+        if self.config.pad_token_id is None:
+            return None
+        real = x != self.config.pad_token_id
+        real[:, 0] = True
+        return real
+
+
+@register_model
+def bert_minilm_l6(**overrides: Any) -> Bert:
+    """all-MiniLM-L6-v2's shape: vocab 30522, 512 positions, D = 384, 6 blocks, 12 heads, MLP 1536, [PAD] = 0
+    (22.6M without the pooler, which from_pretrained adds when the checkpoint has one)."""
+    args = dict(vocab_size=30522, max_position_embeddings=512, hidden_size=384, num_hidden_layers=6)
+    args |= dict(num_attention_heads=12, intermediate_size=1536, pad_token_id=0)
+    return build_encoder(Bert, args, overrides)

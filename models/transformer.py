@@ -228,6 +228,7 @@ class TransformerEncoder(nn.Module):
     hf_layout: ClassVar[HFLayout]
     pre_norm: ClassVar[bool]
     num_class_tokens: ClassVar[int] = 1  # leading tokens averaged into the class feature (AST: cls, dist)
+    raw_input: ClassVar[str] = ""  # what a data set gives it: "image", "waveform", "text", "spectrogram" (processing)
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -278,6 +279,11 @@ class TransformerEncoder(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
+    def default_attention_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The attention_mask (B, T) that ``forward`` uses for input ``x`` when it is given none: None here
+        (every token real); an encoder whose input marks its own padding (BERT's pad ids) overrides this."""
+        return None
+
     def class_feature(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, D) of the real tokens → (B, D): mean of the class tokens, through tanh(pooler(·)) if it
         has one (the class tokens need no ``attention_mask``; encoders that pool over tokens use it)."""
@@ -294,8 +300,11 @@ class TransformerEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x, extra_tokens (B, k, D), attention_mask (B, T) 1 = token, 0 = padding, ``inputs`` for ``embed``
         (BERT: token_type_ids (B, T)) → (hidden states (B, T + k, D), class feature (B, D));
-        extra tokens' outputs are hidden[:, T:]; the class feature reads the T real tokens only."""
+        extra tokens' outputs are hidden[:, T:]; the class feature reads the T real tokens only. Without an
+        attention_mask, the encoder's ``default_attention_mask(x)`` is used (None, all real, but for BERT)."""
         tokens = self.embed(x, **inputs)
+        if attention_mask is None:
+            attention_mask = self.default_attention_mask(x)
         hidden = self.forward_features(tokens, extra_tokens, attention_mask, isolate_extra_tokens)
         return hidden, self.class_feature(hidden[:, : tokens.shape[1]], attention_mask)
 

@@ -92,6 +92,7 @@ class ViT(TransformerEncoder):
     """ViT encoder; forward(x (B, C, H, W)) → (hidden (B, 1 + N + k, D), class feature (B, D))."""
 
     config_class = ViTConfig
+    raw_input = "image"  # a decoded picture (models.processing.ImageProcessor)
     pre_norm = True
     hf_layout = vit_family_layout("vit.", (("cls_token", "cls_token"),))
 

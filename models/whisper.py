@@ -169,6 +169,7 @@ class Whisper(TransformerEncoder):
     """
 
     config_class = WhisperConfig
+    raw_input = "waveform"  # samples at any rate (models.processing.WaveformProcessor)
     pre_norm = True
     num_class_tokens = 0  # no class token: the class feature is the mean over positions (class_feature)
 
