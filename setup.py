@@ -21,9 +21,12 @@ setup(
         "tqdm",
         "matplotlib",
         "soxr",  # Whisper's front end resamples audio to 16 kHz (models/whisper_features.py)
+        "Pillow",  # image files (mmdata/manifest.py, models/processing.py)
+        "soundfile",  # audio files
+        "tokenizers",  # text: the text encoder's own tokenizer.json
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff"],
-        "ref": ["transformers", "peft"],
+        "ref": ["transformers", "peft", "scikit-learn"],  # references in tests and benches only
     },
 )

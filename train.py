@@ -6,6 +6,13 @@
     python train.py --resume runs/NAME                          # continue an interrupted run
     torchrun --nproc_per_node 2 train.py --dataset avmnist-mini # data parallel (gloo on CPU, NCCL on CUDA)
     python train.py --method mmlora --seed 1                    # another stage 2 (METHODS), same cached stage 1
+    python train.py --dataset manifest --data-dir DIR --text-encoder CKPT  # your files (mmdata/manifest.py)
+    python train.py --dataset cremad|food101|mmimdb --data-dir ROOT        # the papers' layouts (mmdata/importers.py)
+
+Data sets of files (a manifest and the importers) hold any subset of image, audio and text; each encoder
+reads them through its own processor (models/processing.py); a sample's empty cells are modalities the
+data really lacks, filled in like simulated ones and reported apart. Multi-label tasks (MM-IMDb) train on
+binary cross-entropy and report F1 (lowrank_train/metrics.py).
 
 1. Pretrained encoders. Given with --{modality}-encoder, each is frozen and gets a linear head (its
    unimodal model). Otherwise each encoder is first trained alone on its modality. Either way the
@@ -57,8 +64,9 @@ from lowrank_train.cli import check_inputs, new_run_dir, parse_args
 from lowrank_train.config import TrainConfig
 from lowrank_train.data import load_splits
 from lowrank_train.distributed import is_main, process_group, resolve_device, world
-from lowrank_train.evaluate import test_multimodal, validation
+from lowrank_train.evaluate import labels_of, test_multimodal, validation
 from lowrank_train.loop import run_stages
+from lowrank_train.metrics import is_multilabel
 from lowrank_train.report import (
     describe_parameters,
     plot,
@@ -70,6 +78,7 @@ from lowrank_train.report import (
 )
 from lowrank_train.stage1 import stage1_tuning, unimodal_model
 from lowrank_util.cli import run_command
+from lowrank_util.errors import ConfigError
 from lowrank_util.files import write_text
 from lowrank_util.memory import PeakMemory
 
@@ -93,9 +102,11 @@ def run(config: TrainConfig, run_dir: Path, device: torch.device) -> dict[str, A
     # data: {split: data set}, standardised with the training split's statistics
     splits, modalities, num_classes = load_splits(config)
     print(f"{config.dataset}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; modalities {modalities}")
+    method = METHODS[config.method](config)
+    if is_multilabel(labels_of(splits["val"], config)) and not method.multilabel:
+        raise ConfigError(f"--method {config.method} takes single-label tasks only; {config.dataset} is multi-label")
 
     # stage 1: one unimodal model per modality (a given pretrained encoder tuned as the method's paper does), cached
-    method = METHODS[config.method](config)
     unimodal, records = {}, {}
     for modality in modalities:
         tuning = stage1_tuning(config, modality, method.stage1_tuning)

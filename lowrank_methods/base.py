@@ -8,15 +8,15 @@ import copy
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from lowrank import LoRAConfig, add_lora
 from lowrank_train.checkpoint import seed_everything
 from lowrank_train.config import TrainConfig
-from lowrank_train.data import Batch
+from lowrank_train.data import Batch, missing_in
 from lowrank_train.loop import Objective, Stage
+from lowrank_train.metrics import classification_loss
 from models.multimodal import MultimodalClassifier, UnimodalClassifier
 
 TUNINGS = ("lora", "full", "frozen")  # how the encoders train: LoRA adapters, every parameter, none
@@ -45,6 +45,7 @@ class Method(Objective):
     stage1_tuning: ClassVar[str] = "head"  # --unimodal-tuning auto on a given pretrained encoder
     fills: ClassVar[tuple[str, ...]] = ("zero-input", "zero-feature")  # tested with these (+ the unimodal
     # fallback); the first is used for validation; "mask-token" among them: the Mask Tokens train
+    multilabel: ClassVar[bool] = True  # False: single-label tasks only (its maths reads the true class)
     model: nn.Module
 
     def build(self, unimodal: dict[str, UnimodalClassifier], num_classes: int, device: torch.device) -> nn.Module:
@@ -60,7 +61,9 @@ class Method(Objective):
         return self.model
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.model({m: batch[m] for m in self.model.modalities}).logits, batch["label"])
+        """The task's loss (metrics.classification_loss); modalities the data lacks are filled in."""
+        output = self.model({m: batch[m] for m in self.model.modalities}, missing_in(batch), self.fills[0])
+        return classification_loss(output.logits, batch["label"])
 
     def training_data(self, train: Dataset) -> Dataset:
         """What the loop trains on, made from the ``train`` split (by default the split itself); ``loss``

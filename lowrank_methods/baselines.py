@@ -8,12 +8,12 @@ late-fusion   every encoder parameter and the fusion head train (full fine-tunin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lowrank_methods.base import Method
 from lowrank_train.data import Batch
 from lowrank_train.evaluate import ClassFeatures
+from lowrank_train.metrics import classification_loss
 
 
 class Unimodal(Method):
@@ -23,7 +23,8 @@ class Unimodal(Method):
 
 class LinearProbe(Method):
     """The frozen encoders run once per training sample (ClassFeatures); the fusion head trains on
-    concat_m(h_m), which is what the full model computes on complete data."""
+    concat_m(h_m), which is what the full model computes on complete data (and, for a modality the data
+    lacks, on h_m of the zero input, its "zero-input" fill)."""
 
     title = "linear probe"
     tuning = "frozen"
@@ -33,7 +34,7 @@ class LinearProbe(Method):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         features = torch.cat([batch[m] for m in self.model.modalities], dim=1)
-        return F.cross_entropy(self.model.head(features), batch["label"])
+        return classification_loss(self.model.head(features), batch["label"])
 
 
 class LateFusion(Method):

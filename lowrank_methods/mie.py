@@ -120,6 +120,7 @@ def igm_projection(second_moment: torch.Tensor, tau: float) -> torch.Tensor:
 class MIE(Method):
     title = "MIE"
     fills = SharedHeadEnsemble.fills
+    multilabel = False  # the ensemble averages softmax probabilities
     stage: str  # the modality trained now
     projections: dict[nn.Linear, torch.Tensor]  # head layer → T(k) of the previous stage's modality
 
@@ -164,10 +165,17 @@ class MIE(Method):
         self.projections = self.head_projections(previous, train) if i else {}
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        inputs, labels = batch[self.stage], batch["label"]
-        if not self.config.mixup:
+        """Cross-entropy of the stage's modality alone, on the samples that have it; on mixup of them
+        (--mixup) where its inputs are real-valued (token ids are not mixed)."""
+        inputs, labels, draws = batch[self.stage], batch["label"], batch["draws"]
+        if "present" in batch:
+            has = batch["present"][:, self.model.modalities.index(self.stage)]
+            inputs, labels, draws = inputs[has], labels[has], draws[has]
+            if not len(labels):  # no sample of this batch has the modality: a zero loss with a gradient
+                return self.model.head.weight.sum() * 0.0
+        if not (self.config.mixup and inputs.is_floating_point()):
             return F.cross_entropy(self.model.modality_logits(self.stage, inputs), labels)
-        lam, partner = mixup_pairs(batch["draws"])
+        lam, partner = mixup_pairs(draws)
         logits = self.model.modality_logits(self.stage, lam * inputs + (1 - lam) * inputs[partner])
         return lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[partner])
 

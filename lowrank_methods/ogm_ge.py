@@ -17,11 +17,11 @@ import statistics
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowrank_methods.base import Method
-from lowrank_train.data import Batch
+from lowrank_train.data import Batch, missing_in
+from lowrank_train.metrics import classification_loss
 
 
 def head_shares(head: nn.Linear, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,6 +58,7 @@ def ogm_coefficients(shares: dict[str, torch.Tensor], labels: torch.Tensor, alph
 class OGMGE(Method):
     title = "OGM-GE"
     tuning = "full"
+    multilabel = False  # s_m reads the softmax of the true class
     coefficients: dict[str, float]  # k_m of the current step
     modulating: bool = True  # inside the window of --ogm-window
 
@@ -65,11 +66,11 @@ class OGMGE(Method):
         self.modulating = epoch < math.ceil(self.config.ogm_window * epochs)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        output = self.model({m: batch[m] for m in self.model.modalities})
+        output = self.model({m: batch[m] for m in self.model.modalities}, missing_in(batch), self.fills[0])
         with torch.no_grad():
             shares = head_shares(self.model.head, output.features)
             self.coefficients = ogm_coefficients(shares, batch["label"], self.config.ogm_alpha)
-        return F.cross_entropy(output.logits, batch["label"])
+        return classification_loss(output.logits, batch["label"])
 
     @torch.no_grad()
     def modify_gradients(self) -> None:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from lowrank_methods.base import Method
 from lowrank_train.config import TrainConfig
-from lowrank_train.data import Batch
+from lowrank_train.data import Batch, missing_in
 from lowrank_train.distributed import mean_over_processes
+from lowrank_train.metrics import classification_loss
 from models.multimodal import MISSING_FILLS, FusionOutput, MultimodalClassifier
 
 
@@ -51,12 +52,22 @@ def alignment_loss(
     return torch.stack(losses).mean() if losses else output.logits.new_zeros(())
 
 
+def training_missing(draws: torch.Tensor, modalities: int, rate: float, given: torch.Tensor | None) -> torch.Tensor:
+    """(B, M) bool: the modalities the data lacks (``given``; None: none) and the one modality dropout
+    takes (drop_modalities), which it takes only from a sample that has at least two."""
+    dropped = drop_modalities(draws, modalities, rate)
+    if given is None:
+        return dropped
+    return given | (dropped & ((~given).sum(1, keepdim=True) > 1))
+
+
 def u2a_loss(model: MultimodalClassifier, batch: Batch, config: TrainConfig) -> torch.Tensor:
-    """Cross-entropy with modality dropout (from the batch's draws) + λ · alignment loss of the Mask Tokens."""
-    missing = drop_modalities(batch["draws"], len(model.modalities), config.missing_train_rate)
+    """The task's loss with modality dropout (from the batch's draws) on top of the modalities the data
+    lacks, + λ · alignment loss of the Mask Tokens."""
+    missing = training_missing(batch["draws"], len(model.modalities), config.missing_train_rate, missing_in(batch))
     output = model({m: batch[m] for m in model.modalities}, missing)
     alignment = alignment_loss(output, row_counts=mean_over_processes)
-    return F.cross_entropy(output.logits, batch["label"]) + config.align_weight * alignment
+    return classification_loss(output.logits, batch["label"]) + config.align_weight * alignment
 
 
 class U2A(Method):

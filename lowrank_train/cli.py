@@ -15,6 +15,7 @@ from lowrank_train.stage1 import encoder_checkpoint_file
 from lowrank_util.cli import ArgumentParser
 from lowrank_util.errors import ConfigError, MissingFileError, UnknownNameError
 from lowrank_util.files import read_text
+from mmdata.manifest import MODALITIES
 from models import create_model
 
 RESUMABLE = ("device", "save_every", "max_bad_steps", "out_dir", "cache_dir")  # may change on --resume: no effect
@@ -69,12 +70,11 @@ def resumed_config(run_dir: Path, given: dict[str, object]) -> TrainConfig:
 def check_inputs(config: TrainConfig) -> None:
     """Fail before any work when a given data folder or encoder checkpoint does not exist, or when the LoRA
     options do not apply to the encoder architectures (a --targets name or pattern that adapts nothing)."""
-    given = {"--data-dir": config.data_dir, "--image-encoder": config.image_encoder}
-    given |= {"--audio-encoder": config.audio_encoder}
-    for option_name, path in given.items():
+    encoders = {f"--{m}-encoder": config.model_for(m)[1] for m in MODALITIES}
+    for option_name, path in ({"--data-dir": config.data_dir} | encoders).items():
         if path is not None and not Path(path).exists():
             raise MissingFileError(f"{option_name} {path}: no such file or folder")
-    for option_name, path in (("--image-encoder", config.image_encoder), ("--audio-encoder", config.audio_encoder)):
+    for option_name, path in encoders.items():
         weights = None if path is None else encoder_checkpoint_file(path)
         for required in () if weights is None else (weights, weights.parent / "config.json"):
             if not required.is_file():
@@ -82,7 +82,8 @@ def check_inputs(config: TrainConfig) -> None:
                     f"{option_name} {path}: {required} not found (a Hugging Face checkpoint is a folder with "
                     "config.json and model.safetensors)"
                 )
-    for option_name, architecture in (("--image-model", config.image_model), ("--audio-model", config.audio_model)):
+    checked = [m for m in MODALITIES if m != "text" or config.text_encoder]  # text: only with its encoder
+    for option_name, architecture in ((f"--{m}-model", config.model_for(m)[0]) for m in checked):
         try:
             lora = LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=config.targets)
             add_lora(create_model(architecture), lora)

@@ -40,8 +40,12 @@ class TrainConfig:
     data_dir: str | None = option(None, "prepared data folder (AV-MNIST: MultiBench layout); default: build it")
     image_model: str = option("vit_avmnist_tiny", "encoder architecture for images (models registry)")
     audio_model: str = option("ast_avmnist_tiny", "encoder architecture for audio (models registry)")
+    text_model: str = option("bert_minilm_l6", "encoder architecture for text (models registry; BERT family)")
     image_encoder: str | None = option(None, "pretrained image encoder, HF layout; default: train one")
     audio_encoder: str | None = option(None, "pretrained audio encoder, HF layout; default: train one")
+    text_encoder: str | None = option(None, "pretrained text encoder, HF layout with its tokenizer.json (needed)")
+    max_text_tokens: int = option(128, "text: tokens per sample, truncated or padded to this length")
+    clip_seconds: float = option(3.0, "audio files: seconds per clip, centre-cropped or zero-padded to it")
     unimodal_epochs: int = option(12, "epochs of each unimodal model (stage 1)")
     unimodal_lr: float = option(1e-3, "peak learning rate of stage 1")
     unimodal_tuning: str = option(
@@ -92,8 +96,13 @@ class TrainConfig:
             "--lora-dropout must be in [0, 1)": 0 <= self.lora_dropout < 1,
             f"unknown data set {self.dataset!r}; known: {', '.join(sorted(DATASETS))}": self.dataset in DATASETS,
             f"unknown encoder architecture in --image-model {self.image_model!r} / --audio-model "
-            f"{self.audio_model!r}; known: {', '.join(sorted(MODEL_REGISTRY))}": {self.image_model, self.audio_model}
+            f"{self.audio_model!r} / --text-model {self.text_model!r}; known: {', '.join(sorted(MODEL_REGISTRY))}": {
+                self.image_model,
+                self.audio_model,
+                self.text_model,
+            }
             <= MODEL_REGISTRY.keys(),
+            "--max-text-tokens and --clip-seconds must be > 0": min(self.max_text_tokens, self.clip_seconds) > 0,
             f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {self.precision!r}": self.precision
             in AUTOCAST_DTYPES,
             "--save-every and --max-bad-steps must be ≥ 0": min(self.save_every, self.max_bad_steps) >= 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,13 +14,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lowrank_train.config import TrainConfig
 from lowrank_train.distributed import world
 from lowrank_util.errors import ConfigError
+from lowrank_util.files import read_json
 from mmdata import dataset_takes, get_dataset
+from mmdata.manifest import ManifestSplit, Processor
 from mmdata.standardize import Standardized, input_statistics
 from models import create_model
+from models.processing import input_processor
 
 SPLITS = ("train", "val", "test")
 
-Batch = dict[str, torch.Tensor]  # modality → (B, ...) inputs, "label" (B,), and in training "draws" (B, 2)
+Batch = dict[str, torch.Tensor]  # modality → (B, ...) inputs, "label" (B,) or multi-hot (B, C), in training
+# "draws" (B, 2), and for a data set of files "present" (B, M) bool
 
 
 FRONT_END_BATCH = 256  # waveforms per call of an encoder's front end
@@ -40,9 +45,13 @@ def front_end(config: TrainConfig, modality: str) -> Callable[[torch.Tensor, int
 
 
 def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...], int]:
-    """({split: data set}, modalities, classes). A modality whose encoder has a front end (``front_end``)
-    gets the data set's waveforms turned into that encoder's inputs, once per split; the others are
-    standardised with the training split's statistics."""
+    """({split: data set}, modalities, classes). A data set of files (a manifest, mmdata.manifest) has each
+    decoded input turned into its encoder's input by the encoder's own processor (``load_file_splits``).
+    Otherwise a modality whose encoder has a front end (``front_end``) gets the data set's waveforms turned
+    into that encoder's inputs, once per split, and the others are standardised with the training split's
+    statistics."""
+    if dataset_takes(config.dataset, "processors"):
+        return load_file_splits(config)
     waveform_audio = dataset_takes(config.dataset, "audio") and has_front_end(config, "audio")
     options = {"audio": "waveform"} if waveform_audio else {}
     splits = {split: get_dataset(config.dataset, split, config.data_dir, **options) for split in SPLITS}
@@ -65,6 +74,32 @@ def load_splits(config: TrainConfig) -> tuple[dict[str, Dataset], tuple[str, ...
         splits = {k: Featurized(v, modality, features, rates[modality]) for k, v in splits.items()}
         print(f"{modality}: the encoder's front end computed its inputs {tuple(splits['train'][0][modality].shape)}")
     return splits, modalities, int(labels.max()) + 1
+
+
+def input_processor_for(config: TrainConfig, modality: str) -> Processor:
+    """``modality``'s encoder's processor of decoded inputs (models.processing), from its checkpoint folder
+    (config.json, and where they are kept preprocessor_config.json, tokenizer.json) or its architecture."""
+    name, checkpoint = config.model_for(modality)
+    with torch.device("meta"):  # the architecture's config only: no weights allocated
+        encoder = create_model(name)
+    folder = None if checkpoint is None else Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    hf_config = None if folder is None else read_json(folder / "config.json")
+    encoder_config = encoder.config if hf_config is None else type(encoder).config_class.from_hf_config(hf_config)
+    options = dict(max_text_tokens=config.max_text_tokens, clip_seconds=config.clip_seconds)
+    return input_processor(type(encoder), encoder_config, folder, **options)
+
+
+def load_file_splits(config: TrainConfig) -> tuple[dict[str, ManifestSplit], tuple[str, ...], int]:
+    """The splits of a data set of files, each modality processed by its encoder's processor; the samples
+    keep the modalities the data really lacks in their "present" (M,) mask."""
+    raw = {split: get_dataset(config.dataset, split, config.data_dir) for split in SPLITS}
+    train = raw["train"]
+    processors = {m: input_processor_for(config, m) for m in train.modalities}
+    splits = {split: data.processed(processors) for split, data in raw.items()}
+    for split, data in splits.items():
+        missing = ", ".join(f"{m} {n}" for m, n in data.missing_counts().items())
+        print(f"{split}: {len(data)} samples, missing in the data: {missing}")
+    return splits, train.modalities, len(train.classes)
 
 
 class Featurized(Dataset):
@@ -117,6 +152,12 @@ def step_draws(config: TrainConfig, epoch: int, step: int, size: int) -> torch.T
     seed = int(np.random.SeedSequence([config.seed, epoch, step]).generate_state(1)[0])
     draws = torch.rand(size * processes, 2, generator=torch.Generator().manual_seed(seed))
     return draws[rank::processes]
+
+
+def missing_in(batch: Batch) -> torch.Tensor | None:
+    """(B, M) bool: the modalities the data itself lacks in each sample of ``batch`` (its "present" mask),
+    None for a data set that always has every modality."""
+    return ~batch["present"] if "present" in batch else None
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

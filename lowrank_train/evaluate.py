@@ -5,7 +5,9 @@ Shapes: N samples, M modalities, C classes."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from kernels.backend import use_backend
 from lowrank import merge_lora, unmerge_lora
 from lowrank_train.config import TrainConfig
-from lowrank_train.data import Batch, batches, to_device
+from lowrank_train.data import Batch, batches, missing_in, to_device
 from lowrank_train.distributed import gather_shards, world
+from lowrank_train.metrics import PRIMARY, is_multilabel, probabilities, score, scores
 from lowrank_util.errors import ConfigError
 from models.multimodal import UnimodalClassifier
 
@@ -74,8 +77,14 @@ class ClassFeatures(Dataset):
 
 
 def fused(model: torch.nn.Module, fill: str) -> Logits:
-    """A multimodal model's logits with missing modalities filled in by ``fill``."""
-    return lambda batch, missing: model({m: batch[m] for m in model.modalities}, missing, fill).logits
+    """A multimodal model's logits with missing modalities filled in by ``fill``; missing: the rows given,
+    else those the data lacks (data.missing_in)."""
+
+    def logits(batch: Batch, missing: torch.Tensor | None) -> torch.Tensor:
+        inputs = {m: batch[m] for m in model.modalities}
+        return model(inputs, missing_in(batch) if missing is None else missing, fill).logits
+
+    return logits
 
 
 def every_fill(model: torch.nn.Module, fills: tuple[str, ...]) -> Logits:
@@ -90,18 +99,38 @@ def every_fill(model: torch.nn.Module, fills: tuple[str, ...]) -> Logits:
 
 
 def labels_of(data: Dataset, config: TrainConfig) -> torch.Tensor:
+    """(N,) class indices or (N, C) multi-hot labels of ``data``: its ``labels`` where it keeps them (a
+    manifest split, ClassFeatures), else read through its batches."""
+    labels = getattr(data, "labels", None)
+    if isinstance(labels, torch.Tensor) and len(labels) == len(data):
+        return labels
     return torch.cat([batch["label"] for batch in batches(data, config)])
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item()
+def given_missing(data: Dataset, modalities: int) -> torch.Tensor:
+    """(N, M) bool: the modalities the data itself lacks in each sample (none unless it has a ``present``
+    mask, as a manifest split does)."""
+    present = getattr(data, "present", None)
+    return torch.zeros(len(data), modalities, dtype=torch.bool) if present is None else ~present
 
 
-def missing_mask(size: int, modalities: int, modality: int, rate: float, seed: int) -> torch.Tensor:
-    """(N, M) bool: ``modality`` missing in round(rate · N) samples, drawn with ``seed``."""
+def missing_patterns(modalities: tuple[str, ...]) -> list[tuple[int, ...]]:
+    """The sets of modalities the protocols take away, by index: each one alone, then (three or more
+    modalities) each set that leaves at least one, in order of size: (0,), (1,), (2,), (0, 1), …"""
+    indices = range(len(modalities))
+    return [c for size in range(1, len(modalities)) for c in itertools.combinations(indices, size)]
+
+
+def pattern_name(modalities: tuple[str, ...], pattern: tuple[int, ...]) -> str:
+    return "+".join(modalities[i] for i in pattern)
+
+
+def missing_mask(size: int, modalities: int, pattern: tuple[int, ...], rate: float, seed: int) -> torch.Tensor:
+    """(N, M) bool: the modalities of ``pattern`` missing together in round(rate · N) samples, drawn with
+    ``seed``."""
     chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[: round(rate * size)]
     mask = torch.zeros(size, modalities, dtype=torch.bool)
-    mask[chosen, modality] = True
+    mask[chosen[:, None], torch.tensor(pattern)] = True
     return mask
 
 
@@ -125,53 +154,89 @@ def test_multimodal(
     device: torch.device,
     fills: tuple[str, ...],
 ) -> dict[str, Any]:
-    """Test accuracies: complete; and per modality × missing rate × fill (``fills`` + FALLBACK), on merged
-    weights (where there is LoRA). The same missing samples are used for every fill, and one forward per
-    modality and rate serves them all."""
+    """Test scores (the task's primary metric, lowrank_train.metrics): the test set as given; and per set of
+    missing modalities (missing_patterns) × missing rate × fill (``fills`` + FALLBACK), on merged weights
+    (where there is LoRA). A simulated missing modality adds to those the data lacks; the same samples
+    miss it for every fill, and one forward per pattern and rate serves them all. Where the data lacks
+    modalities, "given_missing" reports how many samples lack each and every fill's score on them."""
     model.eval()
-    labels = labels_of(data, config)
+    labels, modalities = labels_of(data, config), model.modalities
+    multilabel, given = is_multilabel(labels), given_missing(data, len(modalities))
     # The unmerged side of the merge check runs the unfused algebra X Wᵀ + b + s · (X Aᵀ) Bᵀ: the torch
     # path would fold W + s · B A on the CPU exactly as merging does, and the check could not fail.
     with use_backend("reference"):
-        unmerged = predict(fused(model, fills[0]), data, config, device)
+        unmerged = predict(fused(model, fills[0]), data, config, device, given)
     for encoder in model.encoders.values():
         merge_lora(encoder)
     try:
-        complete = predict(fused(model, fills[0]), data, config, device)
+        complete = predict(fused(model, fills[0]), data, config, device, given)
         merge_check = dict(
             agree=int((complete.argmax(1) == unmerged.argmax(1)).sum()),
             total=len(labels),
             max_abs_logit_diff=(complete - unmerged).abs().max().item(),
         )
         unimodal_probs = {
-            m: predict(lambda batch, _, u=u, m=m: u(batch[m]), data, config, device).softmax(1)
+            m: probabilities(predict(lambda batch, _, u=u, m=m: u(batch[m]), data, config, device), multilabel)
             for m, u in unimodal.items()
         }
+        fallback_of = partial(fallback_probabilities, probabilities(complete, multilabel), unimodal_probs)
         missing_results: dict[str, dict[str, list[float]]] = {}
-        for i, modality in enumerate(model.modalities):
-            missing_results[modality] = {fill: [] for fill in (*fills, FALLBACK)}
+        for pattern in missing_patterns(modalities):
+            by_fill: dict[str, list[float]] = {fill: [] for fill in (*fills, FALLBACK)}
             for rate in config.missing_test:
-                missing = missing_mask(len(labels), len(model.modalities), i, rate, seed=config.seed + 1)
+                missing = missing_mask(len(labels), len(modalities), pattern, rate, seed=config.seed + 1) | given
                 every = predict(every_fill(model, fills), data, config, device, missing)
                 for fill, logits in zip(fills, every.chunk(len(fills), dim=1), strict=True):
-                    missing_results[modality][fill].append(accuracy(logits, labels))
-                fallback = fallback_probabilities(complete.softmax(1), unimodal_probs, missing, model.modalities)
-                missing_results[modality][FALLBACK].append(accuracy(fallback, labels))
+                    by_fill[fill].append(score(logits, labels))
+                by_fill[FALLBACK].append(score(fallback_of(missing, modalities), labels, already_probabilities=True))
+            missing_results[pattern_name(modalities, pattern)] = by_fill
+        results = dict(
+            metric=PRIMARY[multilabel],
+            unimodal={
+                m: score(p[has], labels[has], already_probabilities=True)
+                for m, p in unimodal_probs.items()
+                for has in [~given[:, modalities.index(m)]]
+            },
+            complete=score(complete, labels),
+            scores=scores(complete, labels),
+            merge_check=merge_check,
+            missing_rates=list(config.missing_test),
+            missing=missing_results,
+        )
+        if given.any():
+            results["given_missing"] = given_missing_scores(model, data, config, device, fills, given, labels)
+            results["given_missing"][FALLBACK] = score(
+                fallback_of(given, modalities)[given.any(1)], labels[given.any(1)], already_probabilities=True
+            )
     finally:
         for encoder in model.encoders.values():
             unmerge_lora(encoder)
+    return results
+
+
+def given_missing_scores(
+    model: torch.nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    fills: tuple[str, ...],
+    given: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, Any]:
+    """On the test samples the data leaves incomplete: how many lack each modality, and each fill's score."""
+    incomplete = given.any(1)
+    every = predict(every_fill(model, fills), data, config, device, given)[incomplete].chunk(len(fills), 1)
     return dict(
-        unimodal={m: accuracy(p, labels) for m, p in unimodal_probs.items()},
-        complete=accuracy(complete, labels),
-        merge_check=merge_check,
-        missing_rates=list(config.missing_test),
-        missing=missing_results,
+        samples=int(incomplete.sum()),
+        lacking={m: int(given[:, i].sum()) for i, m in enumerate(model.modalities)},
+        **{fill: score(logits, labels[incomplete]) for fill, logits in zip(fills, every, strict=True)},
     )
 
 
 def validation(
     model: torch.nn.Module, fill: str, data: Dataset, config: TrainConfig, device: torch.device
 ) -> Callable[[], float]:
-    """A closure for fit: the accuracy of ``model`` on ``data`` (complete), filled with ``fill``."""
+    """A closure for fit: the primary score of ``model`` on ``data`` as given (modalities the data lacks
+    filled with ``fill``)."""
     labels = labels_of(data, config)
-    return lambda: accuracy(predict(fused(model, fill), data, config, device), labels)
+    return lambda: score(predict(fused(model, fill), data, config, device), labels)

@@ -30,25 +30,34 @@ def describe_parameters(model: nn.Module) -> str:
 
 
 def percent(values: list[float]) -> str:
-    """Accuracies in percent: the value of one run; 'mean ± std' (sample std) of several."""
+    """Scores in percent: the value of one run; 'mean ± std' (sample std) of several."""
     if len(values) == 1:
         return f"{100 * values[0]:.1f}"
     return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def results_table(title: str, heading: str, runs: list[dict[str, Any]]) -> str:
-    """Markdown under ``heading``: unimodal and ``title``'s complete accuracies, accuracy vs missing rate per
-    modality and fill, and the merge check, over the results.json of one or more ``runs`` (seeds)."""
+    """Markdown under ``heading``: unimodal and ``title``'s scores on the test set as given, the score vs
+    missing rate per set of missing modalities and fill, where the data lacks modalities the scores on
+    those samples, and the merge check, over the results.json of one or more ``runs`` (seeds). Scores are
+    the task's primary metric (results' "metric": accuracy, or F1 macro for multi-label)."""
     first, rates = runs[0], runs[0]["missing_rates"]
+    metric = first.get("metric", "accuracy").replace("_", " ")
     lines = [
         heading,
         "",
-        "| model | test accuracy (%) |",
+        f"| model | test {metric} (%) |",
         "|---|---|",
         *(f"| unimodal {m} | {percent([r['unimodal'][m] for r in runs])} |" for m in first["unimodal"]),
-        f"| {title}, complete | {percent([r['complete'] for r in runs])} |",
+        f"| {title}, {'as given' if 'given_missing' in first else 'complete'} | "
+        f"{percent([r['complete'] for r in runs])} |",
+        *(
+            f"| {title}, {name.replace('_', ' ')} | {percent([r['scores'][name] for r in runs])} |"
+            for name in first.get("scores", {})
+            if name != first.get("metric", "accuracy")
+        ),
         "",
-        "Accuracy (%) with one modality missing in a share of the test samples:",
+        f"{metric.capitalize()} (%) with modalities missing in a share of the test samples:",
         "",
         "| missing | handled by | " + " | ".join(f"{rate:g}" for rate in rates) + " |",
         "|---|---|" + "---|" * len(rates),
@@ -57,6 +66,16 @@ def results_table(title: str, heading: str, runs: list[dict[str, Any]]) -> str:
         for fill in by_fill:
             cells = [percent([r["missing"][modality][fill][i] for r in runs]) for i in range(len(rates))]
             lines.append(f"| {modality} | {fill} | " + " | ".join(cells) + " |")
+    if "given_missing" in first:
+        given = first["given_missing"]
+        lacking = ", ".join(f"{m} {n}" for m, n in given["lacking"].items())
+        fills = [k for k in given if k not in ("samples", "lacking")]
+        lines += [
+            "",
+            f"On the {given['samples']} test samples the data leaves incomplete (lacking {lacking}), {metric} (%): "
+            + ", ".join(f"{fill} {percent([r['given_missing'][fill] for r in runs])}" for fill in fills)
+            + ".",
+        ]
     checks = [r["merge_check"] for r in runs]
     agree, total = sum(c["agree"] for c in checks), sum(c["total"] for c in checks)
     largest = max(c["max_abs_logit_diff"] for c in checks)

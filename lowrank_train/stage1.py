@@ -7,7 +7,9 @@ weights afterwards, so that stage 2 starts from a plain encoder) or "full" (ever
 without a checkpoint trains whole, from scratch. The cache folder's name holds a hash of
 everything the model depends on, so every run (method, seed of stage 2 aside) with the same stage 1
 reuses it; it holds the encoder (HF layout), head.safetensors and record.json, and while it trains its
-resume point is FOLDER.state.pt."""
+resume point is FOLDER.state.pt. Where the data lacks the modality in some samples (a manifest's empty
+cells), the unimodal model trains and is scored on the samples that have it. Its record's accuracies are
+the task's primary metric (lowrank_train.metrics: accuracy, or F1 macro for a multi-label task)."""
 
 from __future__ import annotations
 
@@ -17,19 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from lowrank import LoRAConfig, add_lora, fold_lora
 from lowrank_train.checkpoint import seed_everything, trainable_state
 from lowrank_train.config import TrainConfig
 from lowrank_train.data import has_front_end
 from lowrank_train.distributed import is_main
-from lowrank_train.evaluate import ClassFeatures, accuracy, labels_of, predict
+from lowrank_train.evaluate import ClassFeatures, labels_of, predict
 from lowrank_train.loop import LossFunction, fit
+from lowrank_train.metrics import classification_loss, score
 from lowrank_train.report import describe_parameters, trainable_parameters
 from lowrank_util.files import read_json, read_safetensors, sha256, staged
+from mmdata import dataset_takes
 from models import create_model
 from models.multimodal import UnimodalClassifier
 
@@ -50,6 +53,8 @@ def unimodal_cache_key(config: TrainConfig, modality: str, tuning: str) -> str:
         weight_decay=config.weight_decay, warmup=config.warmup, seed=config.seed,
         inputs=f"{model} front end" if has_front_end(config, modality) else "standardized",
     )  # fmt: skip
+    if dataset_takes(config.dataset, "processors"):  # files: the encoder's processor reads them
+        facts["inputs"] = dict(max_text_tokens=config.max_text_tokens, clip_seconds=config.clip_seconds)
     if config.precision != "fp32":  # only then, so that fp32 keys stay those of earlier versions
         facts["precision"] = config.precision
     if tuning != ("full" if checkpoint is None else "head"):  # likewise: the tuning of earlier versions
@@ -100,6 +105,7 @@ def unimodal_model(
     how = "training it from scratch" if pretrained is None else f"{how[tuning]} {pretrained}"
     print(f"stage 1 [{modality}]: no cached unimodal model; {how} ({describe_parameters(model)})")
     trained_parameters = trainable_parameters(model)
+    splits = {split: with_modality(data, modality) for split, data in splits.items()}
     if tuning == "head":  # nothing in the encoder trains: its class features, once per split, feed the head
         encoders = {modality: model.encoder}
         splits = {split: ClassFeatures(encoders, data, config, device) for split, data in splits.items()}
@@ -113,8 +119,8 @@ def unimodal_model(
 
     history = fit(
         model,
-        LossFunction(config, lambda batch: F.cross_entropy(classify(batch[modality]), batch["label"])),
-        lambda: accuracy(logits_of("val"), labels["val"]),
+        LossFunction(config, lambda batch: classification_loss(classify(batch[modality]), batch["label"])),
+        lambda: score(logits_of("val"), labels["val"]),
         splits["train"], config, config.unimodal_epochs, config.unimodal_lr, device,
         checkpoint=partial, describe=f"stage 1 [{modality}]",
     )  # fmt: skip
@@ -122,11 +128,20 @@ def unimodal_model(
         fold_lora(model.encoder)  # stage 2 copies a plain encoder: W + s·B A
     record = dict(modality=modality, model=name, pretrained=pretrained, tuning=tuning, history=history)
     record["trainable_parameters"] = trained_parameters
-    record |= {f"{split}_accuracy": accuracy(logits_of(split), labels[split]) for split in ("val", "test")}
+    record |= {f"{split}_accuracy": score(logits_of(split), labels[split]) for split in ("val", "test")}
     record["encoder_sha256"] = publish_unimodal(model, record, folder)
     partial.unlink(missing_ok=True)
     print(f"stage 1 [{modality}]: test accuracy {record['test_accuracy']:.4f}; cached in {folder}")
     return model.eval(), record
+
+
+def with_modality(data: Dataset, modality: str) -> Dataset:
+    """The samples of ``data`` that have ``modality`` (all of them unless the data set says otherwise in its
+    ``present`` (N, M) mask, as a manifest split does)."""
+    present = getattr(data, "present", None)
+    if present is None or bool(present[:, data.modalities.index(modality)].all()):
+        return data
+    return Subset(data, present[:, data.modalities.index(modality)].nonzero().flatten().tolist())
 
 
 def publish_unimodal(model: UnimodalClassifier, record: dict[str, Any], folder: Path) -> str:

@@ -13,7 +13,7 @@ from kernels.backend import use_backend
 from lowrank_methods import METHODS, u2a
 from lowrank_train.cli import parse_args
 from lowrank_train.config import TrainConfig
-from lowrank_train.evaluate import fallback_probabilities, missing_mask
+from lowrank_train.evaluate import fallback_probabilities, missing_mask, missing_patterns
 from lowrank_util.errors import ConfigError
 
 EPOCHS = 2
@@ -142,10 +142,30 @@ def test_modality_dropout_removes_at_most_one_modality():
     assert not u2a.drop_modalities(draws, 2, 0.0).any()
 
 
+def test_modality_dropout_never_takes_a_samples_last_modality():
+    draws = torch.rand(4000, 2, generator=torch.Generator().manual_seed(0))
+    given = torch.zeros(4000, 3, dtype=torch.bool)
+    given[:2000, 1] = True  # half the samples lack audio; a quarter of those lack text too
+    given[:500, 2] = True
+    missing = u2a.training_missing(draws, 3, 1.0, given)
+    assert (missing | ~given).all()  # what the data lacks stays missing
+    assert (~missing).any(1).all()  # every sample keeps a modality
+    assert torch.equal(missing[:500], given[:500])  # one modality left: nothing dropped
+    assert (missing[2000:].sum(1) == 1).all()  # complete samples at rate 1 lose exactly one
+    assert torch.equal(u2a.training_missing(draws, 3, 0.3, None), u2a.drop_modalities(draws, 3, 0.3))
+
+
 def test_missing_mask_hits_the_requested_share():
-    mask = missing_mask(200, 2, modality=1, rate=0.25, seed=0)
+    mask = missing_mask(200, 2, pattern=(1,), rate=0.25, seed=0)
     assert mask[:, 1].sum() == 50 and not mask[:, 0].any()
-    assert torch.equal(mask, missing_mask(200, 2, modality=1, rate=0.25, seed=0))
+    assert torch.equal(mask, missing_mask(200, 2, pattern=(1,), rate=0.25, seed=0))
+    pair = missing_mask(200, 3, pattern=(0, 2), rate=0.25, seed=0)  # a pair: missing together, same samples
+    assert torch.equal(pair[:, 0], mask[:, 1]) and torch.equal(pair[:, 2], mask[:, 1]) and not pair[:, 1].any()
+
+
+def test_missing_patterns_are_each_modality_then_the_pairs():
+    assert missing_patterns(("image", "audio")) == [(0,), (1,)]
+    assert missing_patterns(("image", "audio", "text")) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
 
 
 def test_fallback_uses_the_remaining_unimodal_model():
