@@ -69,7 +69,7 @@ class TrainConfig:
     missing_test: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "test missing rates", floats)
     ogm_alpha: float = option(0.8, "ogm-ge: α in the gradient coefficient 1 - tanh(α·ρ)")
     ogm_window: float = option(0.5, "ogm-ge: share of the epochs, from the first, with modulated gradients")
-    sam_rho: str = option("image=1e-15,audio=1e-10", "mie: SAM radius ρ per modality (IGM's: text 1e-15 too)")
+    sam_rho: str = option("image=1e-15,audio=1e-10,text=1e-15", "mie: SAM radius ρ per modality (IGM's)")
     sam_mix: float = option(0.3, "mie: weight of the perturbed loss L(θ+ε) (IGM's flat_ratio)")
     igm_tau: float = option(0.4, "mie: temperature τ of the gradient modification T(k)")
     stage_epochs: int = option(2, "mie: epochs of each modality's stage (stages alternate; --epochs in all)")

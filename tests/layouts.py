@@ -6,6 +6,7 @@ write_manifest_folder   a manifest folder (mmdata.manifest) of images, WAVs and 
 write_cremad            CREMA-D as OGM-GE prepares it (mmdata.importers.import_cremad)
 write_food101           UPMC Food-101 (import_food101): title csv files or one .txt per image
 write_mmimdb            MM-IMDb (import_mmimdb): MOVIES by default, one movie per case the importer handles
+write_tiny_bert         a small random BERT checkpoint with a word-level tokenizer.json of the fixture words
 write_jpeg, write_wav   one file each
 
 Every writer is deterministic (``seed``) and returns what a test needs to name the samples it wrote.
@@ -26,6 +27,7 @@ from PIL import Image
 
 from mmdata.importers import CREMAD_CLASSES
 from mmdata.manifest import MODALITIES, Manifest, Sample, read_manifest, write_manifest
+from models import Bert, BertConfig
 
 DARK, BRIGHT = 40, 210  # pixel levels of class_image's bands: far apart, so JPEG noise cannot blur them
 FILLER = ("a", "small", "plain", "example", "of", "the", "data", "here")  # class_text's words around the class
@@ -259,3 +261,30 @@ def write_mmimdb(root: Path, movies: Sequence[Movie] = MOVIES, seed: int = 0) ->
         if movie.image is not None:
             write_jpeg(root / "images" / f"{movie.id}{movie.image}", rng.integers(0, 256, (8, 8, 3)))
     (root / "split.json").write_text(json.dumps(splits, indent=4), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- text encoder
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # BERT's, [PAD] = 0
+
+
+def write_tiny_bert(folder: Path, words: Sequence[str] = FILLER, width: int = 32) -> Path:
+    """A random 2-block BERT of ``width`` in ``folder`` (config.json, model.safetensors) with a word-level
+    ``tokenizer.json`` ([CLS] text [SEP], [PAD] = 0) over ``words``: a text encoder checkpoint as
+    --text-encoder takes one, in milliseconds, without the all-MiniLM-L6-v2 package."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocabulary = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(set(words))])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    config = BertConfig(
+        vocab_size=len(vocabulary), hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * width, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    Bert(config).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from layouts import write_manifest_folder, write_tiny_bert
 
 import train
 from kernels.backend import use_backend
@@ -62,6 +63,26 @@ def run_folder(folder: Path, *files: str) -> Path:
     for name in files:
         (folder / name).write_text("{}")
     return folder
+
+
+def manifest_folder(folder: Path, *modalities: str, damage: str = "") -> Path:
+    """A small manifest folder of ``modalities``; damage "missing": its first image deleted, "corrupt": overwritten."""
+    manifest = write_manifest_folder(folder, modalities=modalities, per_class=2)
+    image = Path(manifest.samples[0].inputs["image"]) if "image" in modalities else None
+    if damage == "missing":
+        image.unlink()
+    elif damage == "corrupt":
+        image.write_bytes(b"not a jpeg")
+    return folder
+
+
+def bert_without_tokenizer(folder: Path) -> Path:
+    (write_tiny_bert(folder) / "tokenizer.json").unlink()
+    return folder
+
+
+def files_options(d: Path, *modalities: str, damage: str = "") -> list[str]:
+    return ["--dataset", "manifest", "--data-dir", str(manifest_folder(d / "data", *modalities, damage=damage))]
 
 
 def written_config(folder: Path, text: str) -> Path:
@@ -124,6 +145,27 @@ BAD_INPUTS = {  # name: (options, given the temporary folder; a regex of what th
     "resume of another program's config.json": (
         lambda d: ["--resume", str(written_config(d / "other", json.dumps({"rank": 8, "colour": "blue"})))],
         r"unknown fields \['colour'\]: not a config of this train.py",
+    ),
+    "manifest without its folder": (lambda d: ["--dataset", "manifest"], "--dataset manifest needs --data-dir"),
+    "manifest row naming a missing file": (
+        lambda d: files_options(d, "image", "text", damage="missing"),
+        r"manifest\.csv row 2, column image: .*train-cat-0\.jpg does not exist",
+    ),
+    "unreadable image file": (
+        lambda d: [*files_options(d, "image", "audio", damage="corrupt"), "--audio-model", "whisper_smoke"],
+        r"manifest\.csv row 2, column image: cannot read .*train-cat-0\.jpg",
+    ),
+    "text without a text encoder": (
+        lambda d: files_options(d, "image", "text"),
+        r"a text encoder needs a pretrained checkpoint with its tokenizer \(--text-encoder CKPT\)",
+    ),
+    "text encoder without tokenizer.json": (
+        lambda d: [*files_options(d, "image", "text"), "--text-encoder", str(bert_without_tokenizer(d / "bert"))],
+        r"bert/tokenizer\.json not found: a text encoder needs its tokenizer\.json",
+    ),
+    "audio files for a spectrogram encoder": (
+        lambda d: files_options(d, "image", "audio"),
+        "the AST encoder reads AV-MNIST-style spectrograms, not audio files; use a Whisper-style audio encoder",
     ),
     "a finished run again": (
         lambda d: ["--name", run_folder(d / "runs" / "done", "config.json", "results.json").name],
