@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=["lowrank_util", "kernels", "lowrank", "models", "mmdata", "lowrank_train", "lowrank_methods", "bench"],
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.10",  # F.grouped_mm (the adapter bank's CPU path)
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "safetensors",

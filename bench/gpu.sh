@@ -61,6 +61,7 @@ stage graphs 15 $py -m bench.gpu_checks graphs
 # Every kernel test, on the compiled kernels, one tile per dot kind (each hypothesis shape is a new key).
 stage tests 170 env LOWRANK_AUTOTUNE=0 LOWRANK_TEST_DEVICE=cuda $py -m pytest tests/test_lora_linear.py \
     tests/test_lora_qkv.py tests/test_split_reductions.py tests/test_custom_ops.py tests/test_kernel_dispatch.py \
+    tests/test_bank_kernels.py \
     -q -rfE -p no:cacheprovider \
     --durations=5 --junitxml="$out/tests-cuda.xml"
 grid=(--dtype bfloat16 --dims 768 1024 --tokens 4096 --ranks 16 --out "$out")

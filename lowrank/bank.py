@@ -9,15 +9,24 @@ ones of q, k, v for a fused qkv) and r the largest rank of the n (smaller ranks 
     Y[m] = X[m] Wᵀ + b + s_i · Σ_p (X[m] A_{i,p}ᵀ) B_{i,p}ᵀ on projection p's columns,  i = id of row m
 
 and id −1 means the base layer alone. The padding is exact and stays so in training: a zero row of A
-meets a zero column of B, so both get zero gradients (and zero AdamW updates). What it costs: every
-adapter computes r-wide products, so a bank of ranks {4, 16} pays rank 16 for both.
+meets a zero column of B, so both get zero gradients (and zero AdamW updates). What it costs: every row
+pays the largest rank in its shrink and expand, P·r·(K + N) multiply-adds next to the base GEMM's N·K, and
+A, B hold n·P·r·(K + w) values, so a bank of ranks {4, 16} pays rank 16 for both (on Triton a rank under 16
+fills a 16-wide block anyway); the base GEMM is the same for any rank.
 
 The ids come from ``selected_adapters(ids)``, one per sample of every batch that reaches a bank layer
 inside the block (each sample's rows — its tokens — take its id), so no encoder's forward needs a new
-argument; the selection is reset when the block ends, also on an error. A batch whose rows all use one
-adapter runs that adapter's fused op (kernels/lora_linear.py), exactly as a LoRA layer would; a mixed
-batch runs the base GEMM once and each present adapter's shrink and expand on its own rows (gathered,
-then added back with index_add), differentiable, so several adapters can train in one batch too.
+argument; the selection is reset when the block ends, also on an error.
+
+A mixed batch runs kernels/bank_matmul.py's op: the base GEMM once (F.linear), then the shrink and expand of
+every row through its own adapter, rows grouped by adapter on the device (Triton on CUDA, F.grouped_mm on
+the CPU), differentiable, so several adapters can train in one batch. A batch whose ids were selected on the
+CPU and are all one adapter runs that adapter's fused op (kernels/lora_linear.py), exactly as a LoRA layer
+would, and all −1 the base alone: the host holds those ids, so deciding costs no device sync.
+
+Syncs left: ``sample_ids`` checks the ids' range on the host (a device sync only for ids selected as a CUDA
+tensor) and copies CPU ids to the layer's device (a blocking host-to-device copy). The op itself reads
+nothing on the host: to capture a bank in a CUDA graph, call kernels.bank_matmul.bank_lora with device ids.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.lora_linear import adapter_slices, apply_lora, spread_b
+from kernels.bank_matmul import bank_lora
+from kernels.lora_linear import apply_lora
 from kernels.lora_qkv import PROJECTIONS, qkv_slots
 from lowrank.config import LoRAConfig
 from lowrank.inject import remove_lora
@@ -70,6 +80,15 @@ def sample_ids(adapters: int, device: torch.device, batch: int | None = None, ba
     if len(ids) and not low <= int(ids.min()) <= int(ids.max()) < adapters:
         raise ValueError(f"adapter ids must be in {low} … {adapters - 1} here, got {ids.tolist()}")
     return ids.to(device)
+
+
+def common_id(ids: torch.Tensor) -> int | None:
+    """The id that every sample selected, when the ids are on the CPU (read there without waiting on any device)
+    and all equal; None otherwise (and for no samples)."""
+    if ids.device.type != "cpu" or not len(ids):
+        return None
+    low, high = ids.aminmax()
+    return int(low) if low == high else None
 
 
 class LoRABank(nn.Module):
@@ -109,6 +128,10 @@ class LoRABank(nn.Module):
                 lora_a[i, p * rank : p * rank + r] = a[p * r : (p + 1) * r]
             lora_b[i, :, :r] = b
         self.lora_a, self.lora_b = nn.Parameter(lora_a), nn.Parameter(lora_b)
+        # s_i on the layer's device for the bank op, kept as the bits of fp32 values in an int32 buffer so that
+        # model.to(dtype) cannot round them; not in the state dict (``scales`` is the source)
+        bits = torch.tensor(self.scales, dtype=torch.float32, device=self.weight.device).view(torch.int32)
+        self.register_buffer("scale_bits", bits, persistent=False)
 
     @property
     def adapters(self) -> int:
@@ -123,22 +146,14 @@ class LoRABank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.row_ids(x)
-        present = torch.unique(ids).tolist()
-        if present == [-1]:
+        only = common_id(_selected.get())
+        if only == -1:
             return F.linear(x, self.weight, self.bias)
-        if len(present) == 1:  # one adapter for the whole batch: the fused op of a LoRA layer
-            i = present[0]
-            args = (self.lora_a[i], self.lora_b[i], self.scales[i], 0.0, False, None, self.slots)
+        if only is not None:  # one adapter for the whole batch: the fused op of a LoRA layer
+            args = (self.lora_a[only], self.lora_b[only], self.scales[only], 0.0, False, None, self.slots)
             return apply_lora(x, self.weight, self.bias, *args)
-        x2d = x.reshape(-1, self.in_features)
-        out = F.linear(x2d, self.weight, self.bias)
-        pieces = adapter_slices(self.slots, self.lora_b.shape[2], self.out_features)
-        for i in (i for i in present if i >= 0):
-            rows = (ids == i).nonzero().squeeze(1)
-            shrunk = x2d[rows] @ self.lora_a[i].t()  # S_i [rows, P·r]
-            expanded = shrunk @ spread_b(self.lora_b[i], pieces, self.out_features).t()  # Σ_p S_{i,p} B_{i,p}ᵀ
-            out.index_add_(0, rows, expanded, alpha=self.scales[i])
-        return out.view(*x.shape[:-1], self.out_features)
+        scales = self.scale_bits.view(torch.float32)
+        return bank_lora(x, self.weight, self.bias, self.lora_a, self.lora_b, scales, ids, self.slots)
 
     def extra_repr(self) -> str:
         kind = "linear" if self.projections is None else f"projections={self.projections}"

@@ -131,6 +131,16 @@ def test_permuted_and_interleaved_samples_give_the_same_rows():
     torch.testing.assert_close(second, first[order], rtol=1e-6, atol=1e-6)
 
 
+def test_a_cast_bank_keeps_its_scales_exact_and_out_of_the_state_dict():
+    """The scales the bank op reads on the device: fp32 bits in an int32 buffer, so model.to(bfloat16) cannot
+    round 2/3; not saved (``scales`` is the source)."""
+    bank = make_bank({"ranks": [3, 5], "projections": None, "features": 8, "width": 6, "tokens": 2, "ids": [],
+                      "bias": False}, torch.float32)  # fmt: skip
+    assert "scale_bits" not in bank.state_dict()
+    bank.to(torch.bfloat16)
+    assert torch.equal(bank.scale_bits.view(torch.float32), torch.tensor(bank.scales, dtype=torch.float32))
+
+
 def test_selection_is_required_checked_and_reset_even_on_error():
     bank = make_bank({"ranks": [2, 2], "projections": None, "features": 8, "width": 6, "tokens": 2, "ids": [],
                       "bias": False}, torch.float32)  # fmt: skip
