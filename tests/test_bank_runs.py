@@ -90,6 +90,7 @@ def test_runs_of_another_method_or_other_encoders_are_refused(runs, other, messa
 def test_runs_tested_in_one_pass_give_what_each_gives_alone(runs):
     with use_backend("torch"):
         rows = serve.evaluate([runs["r4"], runs["r8"]], CPU)
+    assert [row["protocol"] for row in rows] == ["as given"] * 2 + ["image missing"] * 2 + ["audio missing"] * 2
     for row in rows:
-        assert row["agree"] == row["total"] and row["bank_accuracy"] == row["alone_accuracy"]
+        assert row["agree"] == row["total"] and row["bank_score"] == row["alone_score"]
         assert row["max_abs_logit_diff"] < 1e-4
