@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from mmdata import dataset_takes, get_dataset
 from mmdata.manifest import ManifestSplit, Processor
 from mmdata.standardize import Standardized, input_statistics
 from models import create_model
-from models.processing import input_processor
+from models.processing import checkpoint_folder, input_processor
 
 SPLITS = ("train", "val", "test")
 
@@ -82,7 +81,7 @@ def input_processor_for(config: TrainConfig, modality: str) -> Processor:
     name, checkpoint = config.model_for(modality)
     with torch.device("meta"):  # the architecture's config only: no weights allocated
         encoder = create_model(name)
-    folder = None if checkpoint is None else Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    folder = checkpoint_folder(checkpoint)
     hf_config = None if folder is None else read_json(folder / "config.json")
     encoder_config = encoder.config if hf_config is None else type(encoder).config_class.from_hf_config(hf_config)
     options = dict(max_text_tokens=config.max_text_tokens, clip_seconds=config.clip_seconds)

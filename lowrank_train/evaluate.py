@@ -169,7 +169,8 @@ def test_multimodal(
     for encoder in model.encoders.values():
         merge_lora(encoder)
     try:
-        complete = predict(fused(model, fills[0]), data, config, device, given)
+        as_given = predict(every_fill(model, fills), data, config, device, given).chunk(len(fills), dim=1)
+        complete = as_given[0]  # the first fill's: what validation scores
         merge_check = dict(
             agree=int((complete.argmax(1) == unmerged.argmax(1)).sum()),
             total=len(labels),
@@ -180,6 +181,10 @@ def test_multimodal(
             for m, u in unimodal.items()
         }
         fallback_of = partial(fallback_probabilities, probabilities(complete, multilabel), unimodal_probs)
+        unimodal_scores = {}
+        for m, p in unimodal_probs.items():  # each unimodal model on the samples that have its modality
+            has = ~given[:, modalities.index(m)]
+            unimodal_scores[m] = score(p[has], labels[has], already_probabilities=True)
         missing_results: dict[str, dict[str, list[float]]] = {}
         for pattern in missing_patterns(modalities):
             by_fill: dict[str, list[float]] = {fill: [] for fill in (*fills, FALLBACK)}
@@ -192,45 +197,25 @@ def test_multimodal(
             missing_results[pattern_name(modalities, pattern)] = by_fill
         results = dict(
             metric=PRIMARY[multilabel],
-            unimodal={
-                m: score(p[has], labels[has], already_probabilities=True)
-                for m, p in unimodal_probs.items()
-                for has in [~given[:, modalities.index(m)]]
-            },
+            unimodal=unimodal_scores,
             complete=score(complete, labels),
             scores=scores(complete, labels),
             merge_check=merge_check,
             missing_rates=list(config.missing_test),
             missing=missing_results,
         )
-        if given.any():
-            results["given_missing"] = given_missing_scores(model, data, config, device, fills, given, labels)
-            results["given_missing"][FALLBACK] = score(
-                fallback_of(given, modalities)[given.any(1)], labels[given.any(1)], already_probabilities=True
-            )
+        incomplete = given.any(1)
+        if incomplete.any():  # the samples the data leaves incomplete: how many lack each modality, every score
+            pairs = zip(fills, as_given, strict=True)
+            on_incomplete = {fill: score(logits[incomplete], labels[incomplete]) for fill, logits in pairs}
+            fallback = fallback_of(given, modalities)[incomplete]
+            on_incomplete[FALLBACK] = score(fallback, labels[incomplete], already_probabilities=True)
+            lacking = {m: int(given[:, i].sum()) for i, m in enumerate(modalities)}
+            results["given_missing"] = dict(samples=int(incomplete.sum()), lacking=lacking, **on_incomplete)
     finally:
         for encoder in model.encoders.values():
             unmerge_lora(encoder)
     return results
-
-
-def given_missing_scores(
-    model: torch.nn.Module,
-    data: Dataset,
-    config: TrainConfig,
-    device: torch.device,
-    fills: tuple[str, ...],
-    given: torch.Tensor,
-    labels: torch.Tensor,
-) -> dict[str, Any]:
-    """On the test samples the data leaves incomplete: how many lack each modality, and each fill's score."""
-    incomplete = given.any(1)
-    every = predict(every_fill(model, fills), data, config, device, given)[incomplete].chunk(len(fills), 1)
-    return dict(
-        samples=int(incomplete.sum()),
-        lacking={m: int(given[:, i].sum()) for i, m in enumerate(model.modalities)},
-        **{fill: score(logits, labels[incomplete]) for fill, logits in zip(fills, every, strict=True)},
-    )
 
 
 def validation(

@@ -42,7 +42,8 @@ def results_table(title: str, heading: str, runs: list[dict[str, Any]]) -> str:
     those samples, and the merge check, over the results.json of one or more ``runs`` (seeds). Scores are
     the task's primary metric (results' "metric": accuracy, or F1 macro for multi-label)."""
     first, rates = runs[0], runs[0]["missing_rates"]
-    metric = first.get("metric", "accuracy").replace("_", " ")
+    primary = first.get("metric", "accuracy")  # results.json of older versions: accuracy
+    metric = primary.replace("_", " ")
     lines = [
         heading,
         "",
@@ -54,7 +55,7 @@ def results_table(title: str, heading: str, runs: list[dict[str, Any]]) -> str:
         *(
             f"| {title}, {name.replace('_', ' ')} | {percent([r['scores'][name] for r in runs])} |"
             for name in first.get("scores", {})
-            if name != first.get("metric", "accuracy")
+            if name != primary
         ),
         "",
         f"{metric.capitalize()} (%) with modalities missing in a share of the test samples:",
