@@ -15,7 +15,7 @@ from lowrank_train.distributed import world
 from lowrank_util.errors import ConfigError
 from lowrank_util.files import read_json
 from mmdata import dataset_takes, get_dataset
-from mmdata.manifest import ManifestSplit, Processor
+from mmdata.manifest import ManifestSplit, Processor, describe
 from mmdata.standardize import Standardized, input_statistics
 from models import create_model
 from models.processing import checkpoint_folder, input_processor
@@ -94,11 +94,8 @@ def load_file_splits(config: TrainConfig) -> tuple[dict[str, ManifestSplit], tup
     raw = {split: get_dataset(config.dataset, split, config.data_dir) for split in SPLITS}
     train = raw["train"]
     processors = {m: input_processor_for(config, m) for m in train.modalities}
-    splits = {split: data.processed(processors) for split, data in raw.items()}
-    for split, data in splits.items():
-        missing = ", ".join(f"{m} {n}" for m, n in data.missing_counts().items())
-        print(f"{split}: {len(data)} samples, missing in the data: {missing}")
-    return splits, train.modalities, len(train.classes)
+    print(describe(train.manifest))  # each split's samples and how many lack each modality
+    return {split: data.processed(processors) for split, data in raw.items()}, train.modalities, len(train.classes)
 
 
 class Featurized(Dataset):

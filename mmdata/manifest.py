@@ -291,15 +291,15 @@ class ManifestSplit(Dataset):
                 self.labels[row, [index[n] for n in sample.labels]] = 1.0
         else:
             self.labels = torch.tensor([index[s.labels[0]] for s in self.samples], dtype=torch.long)
-        self._blanks = {m: self._blank(manifest, m) for m in self.modalities} if self.processors else {}
+        self._blanks = {m: self._blank(m) for m in self.modalities} if self.processors else {}
 
     def processed(self, processors: Mapping[str, Processor]) -> ManifestSplit:
         """This split with its inputs turned into encoder inputs by ``processors``."""
         return ManifestSplit(self.manifest, self.split, processors)
 
-    def _blank(self, manifest: Manifest, modality: str) -> torch.Tensor:
+    def _blank(self, modality: str) -> torch.Tensor:
         """Zeros shaped like ``modality``'s processed input (of its first sample anywhere in the manifest)."""
-        first = next(s for s in manifest.samples if modality in s.inputs)
+        first = next(s for s in self.manifest.samples if modality in s.inputs)
         return torch.zeros_like(self._input(first, modality))
 
     def _input(self, sample: Sample, modality: str) -> Raw:
@@ -316,10 +316,6 @@ class ManifestSplit(Dataset):
             m: self._input(sample, m) if m in sample.inputs else self._blanks.get(m) for m in self.modalities
         }
         return item | {"present": self.present[i], "label": self.labels[i]}
-
-    def missing_counts(self) -> dict[str, int]:
-        """Samples of this split that lack each modality."""
-        return {m: int((~self.present[:, i]).sum()) for i, m in enumerate(self.modalities)}
 
 
 # ---------------------------------------------------------------------------------------------- writing
