@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from lowrank import selected_adapters
 from lowrank_methods import METHODS
 from lowrank_train.bank import bank_of_runs, read_trained
 from lowrank_train.cli import parse_args
-from lowrank_train.config import TrainConfig
-from lowrank_train.data import Batch, batches, load_splits, missing_in, to_device
-from lowrank_train.evaluate import Logits, fused, missing_patterns, pattern_name
+from lowrank_train.data import Batch, load_splits
+from lowrank_train.evaluate import fused, given_missing, labels_of, missing_patterns, pattern_name, predict
 from lowrank_train.metrics import score
 from lowrank_train.stage1 import stage1_tuning, unimodal_model
 from models.multimodal import MultimodalClassifier
@@ -34,22 +32,6 @@ def protocols(modalities: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """What each run is tested on: the test split as given, then each set of modalities missing from every
     sample (lowrank_train.evaluate.missing_patterns), filled in by the runs' Mask Tokens."""
     return {"as given": ()} | {f"{pattern_name(modalities, p)} missing": p for p in missing_patterns(modalities)}
-
-
-def test_logits(
-    model: Logits, data: Dataset, config: TrainConfig, device: torch.device, modalities: int, pattern: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, ...) logits of ``model(batch, missing)`` over ``data``, with the modalities of ``pattern`` (indices of
-    ``modalities`` in all) missing from every sample on top of what the data lacks, and the labels."""
-    logits, labels = [], []
-    for batch in batches(data, config):
-        batch = to_device(batch, device)
-        size, given = len(batch["label"]), missing_in(batch)
-        missing = torch.zeros(size, modalities, dtype=torch.bool, device=device)
-        missing[:, list(pattern)] = True
-        logits.append(model(batch, missing if given is None else missing | given))
-        labels.append(batch["label"])
-    return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(runs: list[Path], device: torch.device) -> list[dict[str, Any]]:
@@ -78,16 +60,18 @@ def evaluate(runs: list[Path], device: torch.device) -> list[dict[str, Any]]:
         with selected_adapters(torch.arange(n).repeat_interleave(size)):
             return bank(inputs, missing.repeat(n, 1), "mask-token").logits.view(n, size, -1).transpose(0, 1)
 
-    rows = []
+    test, rows = splits["test"], []
+    labels = labels_of(test, config)
     with torch.no_grad():
         for protocol, pattern in protocols(modalities).items():
+            missing = given_missing(test, len(modalities)).clone()  # what the data lacks, and the pattern
+            missing[:, list(pattern)] = True
             started = time.perf_counter()
-            together, labels = test_logits(every_run, splits["test"], config, device, len(modalities), pattern)
+            together = predict(every_run, test, config, device, missing)  # (N, n, C)
             one_pass = time.perf_counter() - started
             for i, (run, model) in enumerate(zip(runs, alone, strict=True)):
                 started = time.perf_counter()
-                own = fused(model, "mask-token")
-                logits, _ = test_logits(own, splits["test"], config, device, len(modalities), pattern)
+                logits = predict(fused(model, "mask-token"), test, config, device, missing)
                 rows.append({
                     "run": str(run), "protocol": protocol, "bank_score": score(together[:, i], labels),
                     "alone_score": score(logits, labels),
